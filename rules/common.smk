@@ -1,0 +1,121 @@
+# All Python helpers of the workflow: the composed experiment, the sweep grid, input/param functions.
+# The logic itself lives in src/bitsweep; nothing here runs a framework.
+import os
+import sys
+from pathlib import Path
+
+from bitsweep.capabilities import backend_info
+from bitsweep.config import load_experiment, to_json
+from bitsweep.errors import BitsweepError
+
+# Jobs call `python`: make it this interpreter (the project's venv), activated or not.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+
+try:
+    EXP = load_experiment(
+        Path(workflow.basedir) / "configs",
+        str(config.get("experiment", "default")),
+        list(config.get("overrides") or []),
+    )
+except BitsweepError as err:
+    raise WorkflowError(f"bitsweep: {err}") from None
+
+MODEL = EXP.model.name
+OUT = f"results/{EXP.name}"
+VARIANTS = EXP.variants()
+STAGE = "python scripts/run_stage.py"
+
+
+wildcard_constraints:
+    model=MODEL,
+    backend="|".join(EXP.schemes),
+    scheme="|".join(v.name for v in VARIANTS),
+
+
+def scheme_of(wildcards):
+    return EXP.scheme(wildcards.backend, wildcards.scheme)
+
+
+def quantized_dir(scheme):
+    return f"{OUT}/quantized/{MODEL}/{scheme.backend}/{scheme.name}"
+
+
+def evaluated_results():
+    return [f"{OUT}/evaluated/{MODEL}/{v.backend}/{v.name}.json" for v in VARIANTS]
+
+
+def all_results():
+    return [f"{OUT}/evaluated/{MODEL}/reference/fp32.json", *evaluated_results()]
+
+
+def tracking_outputs():
+    if not EXP.tracking.enabled:
+        return []
+    return [
+        f"{OUT}/tracking/{MODEL}/{v.backend}/{v.name}.json"
+        for v in [*VARIANTS, type("Ref", (), {"backend": "reference", "name": "fp32"})]
+    ]
+
+
+REPORT_FILES = ["results.csv", "results.md", "kld_vs_size.png", "ppl_vs_bpw.png", "speed_vs_size.png"]
+
+
+def report_outputs():
+    return [f"{OUT}/report/{name}" for name in REPORT_FILES]
+
+
+def converted_model(backend):
+    """The converted format a backend's quantizer reads (capability table: source_format)."""
+    fmt = backend_info(backend).source_format
+    if fmt == "gguf":
+        outtype = EXP.backends[backend].get("convert_outtype", "f32")
+        return f"{OUT}/converted/{MODEL}/gguf/model-{outtype}.gguf"
+    raise WorkflowError(f"no conversion rule for format {fmt!r} (backend {backend!r})")
+
+
+def needs_imatrix(scheme):
+    return scheme.backend == "llamacpp" and bool(scheme.options.get("imatrix"))
+
+
+def get_quantize_input(wildcards):
+    scheme = scheme_of(wildcards)
+    inputs = {"src": converted_model(scheme.backend)}
+    if needs_imatrix(scheme):
+        inputs["imatrix"] = f"{OUT}/imatrix/{MODEL}/{scheme.backend}.gguf"
+    return inputs
+
+
+def imatrix_arg(wildcards, input):
+    return f"--imatrix {input.imatrix}" if "imatrix" in input.keys() else ""
+
+
+def get_scheme_json(wildcards):
+    return to_json(scheme_of(wildcards))
+
+
+def get_settings_json(wildcards):
+    return to_json(EXP.backends[wildcards.backend])
+
+
+def get_run_params(wildcards):
+    """What MLflow records as a variant's parameters (flattened there)."""
+    params = {"model": to_json_obj(EXP.model), "eval": to_json_obj(EXP.eval)}
+    if wildcards.backend != "reference":
+        scheme = scheme_of(wildcards)
+        params |= {"options": scheme.options, "settings": EXP.backends[scheme.backend]}
+    return to_json(params)
+
+
+def to_json_obj(obj):
+    import json
+
+    return json.loads(to_json(obj))
+
+
+def variant_logs(wildcards):
+    if wildcards.backend == "reference":
+        return [f"logs/evaluate/{MODEL}/reference/fp32.log"]
+    return [
+        f"logs/quantize/{MODEL}/{wildcards.backend}/{wildcards.scheme}.log",
+        f"logs/evaluate/{MODEL}/{wildcards.backend}/{wildcards.scheme}.log",
+    ]

@@ -1,0 +1,25 @@
+rule download_model:
+    output:
+        directory("data/models/{model}"),
+    log:
+        "logs/download_model/{model}.log",
+    benchmark:
+        "benchmarks/download_model/{model}.tsv"
+    params:
+        model=to_json(EXP.model),
+    shell:
+        "{STAGE} download_model --model {params.model:q} --out {output:q} > {log:q} 2>&1"
+
+
+rule prepare_text:
+    output:
+        eval="data/text/{corpus}/eval.txt",
+        calib="data/text/{corpus}/calib.txt",
+        info="data/text/{corpus}/info.json",
+    log:
+        "logs/prepare_text/{corpus}.log",
+    params:
+        text=to_json(EXP.eval.text),
+    shell:
+        "{STAGE} prepare_text --cfg {params.text:q} --eval-out {output.eval:q} --calib-out {output.calib:q}"
+        " --info-out {output.info:q} > {log:q} 2>&1"

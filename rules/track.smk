@@ -1,0 +1,33 @@
+# MLflow: the store, experiment and parent run are created once, before any variant logs (a fresh sqlite
+# store races when several jobs create it at once).
+
+
+rule init_tracking:
+    output:
+        f"{OUT}/tracking/sweep.json",
+    log:
+        "logs/init_tracking.log",
+    params:
+        tracking=to_json(EXP.tracking),
+    shell:
+        "{STAGE} init_tracking --tracking {params.tracking:q} --experiment {EXP.name} --out {output:q}"
+        " > {log:q} 2>&1"
+
+
+rule log_variant:
+    input:
+        tracking=f"{OUT}/tracking/sweep.json",
+        result=f"{OUT}/evaluated/{{model}}/{{backend}}/{{scheme}}.json",
+    output:
+        f"{OUT}/tracking/{{model}}/{{backend}}/{{scheme}}.json",
+    log:
+        "logs/log_variant/{model}/{backend}/{scheme}.log",
+    wildcard_constraints:
+        backend="|".join([*EXP.schemes, "reference"]),
+        scheme="|".join([*(v.name for v in VARIANTS), "fp32"]),
+    params:
+        run=get_run_params,
+        logs=variant_logs,
+    shell:
+        "{STAGE} log_variant --tracking {input.tracking:q} --result {input.result:q} --params {params.run:q}"
+        " --out {output:q} --logs {params.logs:q} > {log:q} 2>&1"

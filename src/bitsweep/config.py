@@ -1,0 +1,361 @@
+"""Typed experiment configuration, composed with Hydra from ``configs/``.
+
+Hydra composes YAML; these dataclasses give the result types and check it on construction (``__post_init__``)
+so a wrong scheme, bit-width or source fails before any job runs. Paths are not configuration: Snakemake owns
+them.
+
+>>> exp = load_experiment("configs", "default")            # doctest: +SKIP
+>>> [(v.backend, v.name, v.bits) for v in exp.variants()][:2]  # doctest: +SKIP
+[('llamacpp', 'f16', 16), ('llamacpp', 'q8_0', 8)]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bitsweep.capabilities import BACKENDS, backend_info, llamacpp_type
+from bitsweep.errors import ConfigError, unknown
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+
+
+def _check_name(kind: str, name: str) -> None:
+    if not NAME_RE.match(name):
+        raise ConfigError(f"{kind} name {name!r} must match {NAME_RE.pattern} (it becomes a path and a wildcard)")
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """Where the full-precision model comes from.
+
+    kind ``hf``: a Hugging Face hub repo at a pinned revision (safetensors only);
+    ``gguf_package``: a GGUF file shipped inside an installed Python package, dequantized to fp32;
+    ``local``: a Hugging Face model folder on disk.
+    """
+
+    kind: str
+    repo_id: str | None = None
+    revision: str | None = None
+    package: str | None = None
+    filename: str | None = None
+    path: str | None = None
+    allow_pickle: bool = False
+
+    KINDS: typing.ClassVar[dict[str, tuple[str, ...]]] = {
+        "hf": ("repo_id", "revision"),
+        "gguf_package": ("package", "filename"),
+        "local": ("path",),
+    }
+
+    def __post_init__(self) -> None:
+        if self.kind not in self.KINDS:
+            raise unknown("model source kind", self.kind, self.KINDS)
+        missing = [key for key in self.KINDS[self.kind] if not getattr(self, key)]
+        if missing:
+            raise ConfigError(f"model source {self.kind!r} needs: {', '.join(missing)}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    source: SourceConfig
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        _check_name("model", self.name)
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """Evaluation and calibration text. They never overlap: see bitsweep.text."""
+
+    source: str = "pydoc"  # "pydoc" (ships with Python), "wikitext2" (hub, online), "file"
+    path: str | None = None  # for source "file": eval text; calibration is the file at calib_path
+    calib_path: str | None = None
+    calib_fraction: float = 0.25  # pydoc: share of topics held out for calibration
+
+    SOURCES: typing.ClassVar[tuple[str, ...]] = ("pydoc", "wikitext2", "file")
+
+    def __post_init__(self) -> None:
+        if self.source not in self.SOURCES:
+            raise unknown("eval text source", self.source, self.SOURCES)
+        if self.source == "file" and not (self.path and self.calib_path):
+            raise ConfigError("eval text source 'file' needs eval.text.path and eval.text.calib_path")
+        if not 0 < self.calib_fraction < 1:
+            raise ConfigError(f"eval.text.calib_fraction must be in (0, 1), got {self.calib_fraction}")
+
+
+@dataclass(frozen=True)
+class SpeedConfig:
+    prompt_tokens: int = 128
+    gen_tokens: int = 32
+    repeats: int = 3
+
+    def __post_init__(self) -> None:
+        if self.repeats < 3:
+            raise ConfigError(f"eval.speed.repeats must be >= 3 for a median and spread, got {self.repeats}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    text: TextConfig = field(default_factory=TextConfig)
+    n_ctx: int = 512
+    n_windows: int = 8
+    top_k: int = 256  # reference log-probs kept per position for KL divergence (plus one tail bucket)
+    threads: int = 2
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
+
+    def __post_init__(self) -> None:
+        for key in ("n_ctx", "n_windows", "top_k", "threads"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"eval.{key} must be >= 1, got {getattr(self, key)}")
+        if self.speed.prompt_tokens + self.speed.gen_tokens > self.n_ctx:
+            raise ConfigError("eval.speed.prompt_tokens + gen_tokens must fit in eval.n_ctx")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    enabled: bool = True
+    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the project root
+    experiment: str | None = None  # MLflow experiment name; None: "bitsweep-<experiment name>"
+
+    URI_SCHEMES: typing.ClassVar[tuple[str, ...]] = ("sqlite", "file", "http", "https", "postgresql", "mysql")
+
+    def __post_init__(self) -> None:
+        if self.uri is not None:
+            scheme = self.uri.split(":", 1)[0].split("+", 1)[0]
+            if scheme not in self.URI_SCHEMES:
+                raise unknown("MLflow tracking URI scheme", scheme, self.URI_SCHEMES)
+
+
+@dataclass(frozen=True)
+class SchemeConfig:
+    """One quantization scheme = one Hydra option in ``configs/quant/<backend>/<name>.yaml``.
+
+    ``options`` are backend-specific (for llamacpp: ``type``, ``imatrix``); the backend checks them.
+    """
+
+    backend: str
+    name: str
+    bits: int
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_name("scheme", self.name)
+        info = backend_info(self.backend)
+        info.check_bits(self.name, self.bits)
+        if self.backend == "llamacpp":
+            _check_llamacpp_scheme(self)
+
+    @property
+    def variant(self) -> str:
+        return f"{self.backend}/{self.name}"
+
+
+def _check_llamacpp_scheme(scheme: SchemeConfig) -> None:
+    known = {"type", "imatrix", "pure", "extra_args"}
+    extra = set(scheme.options) - known
+    if extra:
+        raise ConfigError(f"scheme {scheme.variant}: unknown options {sorted(extra)}; known: {sorted(known)}")
+    qtype = llamacpp_type(str(scheme.options.get("type", "")))
+    if qtype.bits != scheme.bits:
+        raise ConfigError(f"scheme {scheme.variant}: type {qtype.name} is {qtype.bits}-bit, config says {scheme.bits}")
+    if qtype.needs_imatrix and scheme.options.get("imatrix") is False:
+        raise ConfigError(f"scheme {scheme.variant}: llama.cpp type {qtype.name} requires an importance matrix")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str
+    model: ModelConfig
+    eval: EvalConfig
+    tracking: TrackingConfig
+    backends: dict[str, dict[str, Any]]
+    schemes: dict[str, dict[str, SchemeConfig]]
+
+    def __post_init__(self) -> None:
+        _check_name("experiment", self.name)
+        if not any(self.schemes.values()):
+            raise ConfigError(f"experiment {self.name!r} sweeps no scheme (set sweep.<backend>: [schemes])")
+
+    def variants(self) -> list[SchemeConfig]:
+        return [s for by_name in self.schemes.values() for s in by_name.values()]
+
+    def scheme(self, backend: str, name: str) -> SchemeConfig:
+        by_name = self.schemes.get(backend)
+        if by_name is None:
+            raise unknown("backend in this sweep", backend, self.schemes)
+        if name not in by_name:
+            raise unknown(f"{backend} scheme in this sweep", name, by_name)
+        return by_name[name]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# dict -> dataclass, with unknown keys reported against the known ones
+
+
+def from_dict(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass ``cls`` from plain data, recursing into nested dataclasses and dict values."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    extra = set(data) - set(fields)
+    if extra:
+        raise ConfigError(
+            f"{where or cls.__name__}: unknown keys {sorted(extra)}; known: {', '.join(sorted(fields))}"
+        )
+    kwargs = {key: _convert(hints[key], value, f"{where}.{key}".lstrip(".")) for key, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # a required key is missing
+        raise ConfigError(f"{where or cls.__name__}: {err}") from None
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where)
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        if value is None:
+            return None
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _convert(inner[0], value, where)
+    if hint in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if hint is int and value != int(value):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return hint(value)
+    if hint in (int, float, str, bool) and not isinstance(value, hint):
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hydra composition
+
+
+def config_dir_default() -> Path:
+    return Path(__file__).resolve().parents[2] / "configs"
+
+
+def compose_dict(config_dir: str | Path, overrides: list[str]) -> dict[str, Any]:
+    """Compose ``config.yaml`` with Hydra's compose API (no output dirs, no chdir) and resolve it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=list(overrides))
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(f"cannot compose the configuration: {err}".splitlines()[0]) from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _group_options(config_dir: Path, group: str) -> list[str]:
+    folder = config_dir / group
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def _check_group_choice(config_dir: Path, group: str, overrides: list[str], default: str | None) -> None:
+    """Give our one-line 'unknown X; known: ...' error where Hydra would print a page."""
+    chosen = default
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.lstrip("+~") == group:
+            chosen = value
+    known = _group_options(config_dir, group)
+    if chosen is not None and chosen not in known:
+        raise unknown(group, chosen, known)
+
+
+def load_experiment(
+    config_dir: str | Path | None = None, experiment: str = "default", overrides: list[str] | tuple = ()
+) -> ExperimentConfig:
+    """Compose ``experiment`` (+ Hydra ``overrides``) into a checked :class:`ExperimentConfig`."""
+    config_dir = Path(config_dir or config_dir_default())
+    overrides = [f"experiment={experiment}", *overrides]
+    for group in ("experiment", "model", "eval", "tracking"):
+        _check_group_choice(config_dir, group, overrides, None)
+    base = compose_dict(config_dir, overrides)
+    sweep = base.get("sweep") or {}
+    if not isinstance(sweep, dict):
+        raise ConfigError("sweep must map backend names to lists of scheme names")
+    # Each swept backend's settings and each scheme's option file, under what the experiment (and the
+    # command line: +backends.llamacpp.threads=4, +quant.llamacpp.q4_k_m.options.imatrix=true) says of them.
+    backends, schemes = base.get("backends") or {}, base.get("quant") or {}
+    full = {**base, "backends": {}, "quant": {}}
+    for backend, names in sweep.items():
+        backend_info(backend)
+        full["backends"][backend] = _merge_option(config_dir, "backend", backend, backends.get(backend))
+        known = _group_options(config_dir, f"quant/{backend}")
+        full["quant"][backend] = {}
+        for name in names or []:
+            if name not in known:
+                raise unknown(f"{backend} scheme", name, known)
+            delta = (schemes.get(backend) or {}).get(name)
+            full["quant"][backend][name] = _merge_option(config_dir, f"quant/{backend}", name, delta)
+    return experiment_from_dict(full)
+
+
+def _merge_option(config_dir: Path, group: str, option: str, delta: dict | None) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    path = config_dir / group / f"{option}.yaml"
+    if not path.is_file():
+        raise unknown(group.replace("/", " ") + " config", option, _group_options(config_dir, group))
+    merged = OmegaConf.merge(OmegaConf.load(path), delta or {})
+    return OmegaConf.to_container(merged, resolve=True)  # type: ignore[return-value]
+
+
+def experiment_from_dict(full: dict[str, Any]) -> ExperimentConfig:
+    unexpected = set(full) - {"name", "model", "eval", "tracking", "sweep", "backends", "quant"}
+    if unexpected:
+        raise ConfigError(f"unknown top-level config keys {sorted(unexpected)}")
+    schemes: dict[str, dict[str, SchemeConfig]] = {}
+    for backend, by_name in (full.get("quant") or {}).items():
+        schemes[backend] = {
+            name: from_dict(SchemeConfig, {**body, "backend": backend, "name": name}, f"quant.{backend}.{name}")
+            for name, body in by_name.items()
+        }
+    return ExperimentConfig(
+        name=str(full.get("name", "")),
+        model=from_dict(ModelConfig, full.get("model"), "model"),
+        eval=from_dict(EvalConfig, full.get("eval") or {}, "eval"),
+        tracking=from_dict(TrackingConfig, full.get("tracking") or {}, "tracking"),
+        backends=full.get("backends") or {},
+        schemes=schemes,
+    )
+
+
+def to_json(obj: Any) -> str:
+    """Stable JSON of a config object: the string Snakemake compares to decide what to re-run."""
+    return json.dumps(dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj, sort_keys=True)
+
+
+__all__ = [
+    "BACKENDS",
+    "EvalConfig",
+    "ExperimentConfig",
+    "ModelConfig",
+    "SchemeConfig",
+    "SourceConfig",
+    "SpeedConfig",
+    "TextConfig",
+    "TrackingConfig",
+    "from_dict",
+    "load_experiment",
+    "to_json",
+]

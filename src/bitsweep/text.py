@@ -1,0 +1,135 @@
+"""Evaluation and calibration text, and the token windows every runner is scored on.
+
+Evaluation and calibration text never overlap: importance matrices and static calibration see only the
+calibration text. Token windows are made once, by the reference tokenizer, and every backend is fed those
+same ids (never its own re-tokenisation of the text), so perplexity and KL divergence compare like with like.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bitsweep.config import TextConfig
+from bitsweep.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def pydoc_texts(calib_fraction: float) -> tuple[str, str]:
+    """Split Python's own documentation topics into (eval, calibration) text.
+
+    Topics are sorted by name and every k-th goes to calibration, so both halves cover the same kind of prose
+    and the split is the same on every machine with the same Python version.
+    """
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)
+    every = max(2, round(1 / calib_fraction))
+    calib = [topics[n] for i, n in enumerate(names) if i % every == every - 1]
+    evals = [topics[n] for i, n in enumerate(names) if i % every != every - 1]
+    return "\n\n".join(evals), "\n\n".join(calib)
+
+
+def wikitext2_texts() -> tuple[str, str]:
+    """wikitext-2 raw: test split for evaluation, train split for calibration (needs the hub)."""
+    from datasets import load_dataset
+
+    def joined(split: str) -> str:
+        return "".join(load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"])
+
+    return joined("test"), joined("train")
+
+
+def load_texts(cfg: TextConfig) -> tuple[str, str]:
+    if cfg.source == "pydoc":
+        return pydoc_texts(cfg.calib_fraction)
+    if cfg.source == "wikitext2":
+        return wikitext2_texts()
+    return Path(cfg.path).read_text(), Path(cfg.calib_path).read_text()
+
+
+def write_texts(cfg: TextConfig, eval_out: str | Path, calib_out: str | Path) -> dict[str, object]:
+    eval_text, calib_text = load_texts(cfg)
+    if set(eval_text.split("\n\n")) & set(calib_text.split("\n\n")) - {""}:
+        log.warning("evaluation and calibration text share paragraphs")
+    for path, text in ((eval_out, eval_text), (calib_out, calib_text)):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
+    return {
+        "eval_chars": len(eval_text),
+        "calib_chars": len(calib_text),
+        "eval_sha256": hashlib.sha256(eval_text.encode()).hexdigest(),
+        "calib_sha256": hashlib.sha256(calib_text.encode()).hexdigest(),
+    }
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Token windows: ``ids`` is (n_windows, n_ctx) int32; every runner scores exactly these."""
+
+    ids: np.ndarray
+    text_sha256: str
+    tokenizer: str
+    decoded_sha256: tuple[str, ...]  # sha256 of the reference tokenizer's bytes for each window
+
+    @property
+    def n_windows(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self.ids.shape[1])
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(np.ascontiguousarray(self.ids, dtype=np.int32).tobytes()).hexdigest()
+
+    def save(self, path: str | Path) -> None:
+        np.savez(
+            path,
+            ids=self.ids.astype(np.int32),
+            text_sha256=self.text_sha256,
+            tokenizer=self.tokenizer,
+            decoded_sha256=np.array(self.decoded_sha256),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> Windows:
+        with np.load(path) as data:
+            return cls(
+                data["ids"], str(data["text_sha256"]), str(data["tokenizer"]), tuple(map(str, data["decoded_sha256"]))
+            )
+
+
+def make_windows(ids: list[int] | np.ndarray, n_ctx: int, n_windows: int) -> np.ndarray:
+    """Cut a token stream into ``n_windows`` consecutive, non-overlapping windows of ``n_ctx`` tokens."""
+    ids = np.asarray(ids, dtype=np.int32)
+    available = len(ids) // n_ctx
+    if available < 1:
+        raise ConfigError(f"eval text has {len(ids)} tokens: too short for one window of n_ctx={n_ctx}")
+    if available < n_windows:
+        raise ConfigError(
+            f"eval text has {len(ids)} tokens = {available} windows of {n_ctx}; asked for n_windows={n_windows}"
+        )
+    return ids[: n_windows * n_ctx].reshape(n_windows, n_ctx)
+
+
+def tokenize_windows(model_dir: str | Path, text_path: str | Path, n_ctx: int, n_windows: int) -> Windows:
+    """Tokenize the eval text with the reference (Hugging Face) tokenizer, without special tokens."""
+    from transformers import AutoTokenizer
+
+    text = Path(text_path).read_text()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = make_windows(tokenizer(text, add_special_tokens=False)["input_ids"], n_ctx, n_windows)
+    decoded = [tokenizer.decode(w.tolist(), clean_up_tokenization_spaces=False).encode() for w in ids]
+    return Windows(
+        ids=ids,
+        text_sha256=hashlib.sha256(text.encode()).hexdigest(),
+        tokenizer=type(tokenizer).__name__,
+        decoded_sha256=tuple(hashlib.sha256(d).hexdigest() for d in decoded),
+    )
