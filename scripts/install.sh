@@ -80,7 +80,20 @@ install_llama_converter() {
     rm -rf "$src"
 }
 
+# A C/C++ toolchain and cmake for llama.cpp (Debian/Ubuntu; skipped when present or not root).
+system_packages() {
+    local missing=()
+    command -v g++ >/dev/null || missing+=(g++)
+    command -v cmake >/dev/null || missing+=(cmake)
+    command -v git >/dev/null || missing+=(git)
+    if ((${#missing[@]})) && command -v apt-get >/dev/null && [[ $(id -u) == 0 ]]; then
+        log "apt-get install ${missing[*]}"
+        apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+}
+
 main() {
+    system_packages
     if [[ ! -x $VENV/bin/python ]]; then
         log "creating $VENV"
         "$PYTHON" -m venv "$VENV"

@@ -10,6 +10,7 @@ Every source ends in the same layout, which every converter reads::
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import json
 import logging
@@ -57,12 +58,20 @@ def _from_hub(source: SourceConfig, out: Path) -> dict[str, Any]:
     if not COMMIT_RE.match(source.revision or ""):
         log.warning("revision %r is not a commit hash: the download is not pinned", source.revision)
     patterns = HF_ALLOW_PATTERNS + (PICKLE_PATTERNS if source.allow_pickle else [])
-    path = snapshot_download(
-        repo_id=source.repo_id, revision=source.revision, allow_patterns=patterns, local_dir=str(out)
-    )
-    shutil.rmtree(out / ".cache", ignore_errors=True)  # huggingface_hub's download bookkeeping
+    # Into the shared hub cache (reused across experiments), then only the allowed files into `out`: offline,
+    # snapshot_download returns the cached snapshot whole, whatever allow_patterns says.
+    snapshot = Path(snapshot_download(repo_id=source.repo_id, revision=source.revision, allow_patterns=patterns))
+    _copy_matching(snapshot, out, patterns)
     _require_weights(out, source)
-    return {"repo_id": source.repo_id, "revision": source.revision, "snapshot": str(path)}
+    return {"repo_id": source.repo_id, "revision": source.revision, "snapshot": str(snapshot)}
+
+
+def _copy_matching(src: Path, out: Path, patterns: list[str]) -> None:
+    for path in sorted(src.rglob("*")):
+        rel = path.relative_to(src).as_posix()
+        if path.is_file() and any(fnmatch.fnmatch(path.name, p) for p in patterns):
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, out / rel)  # follows the cache's symlinks to blobs
 
 
 def _require_weights(out: Path, source: SourceConfig) -> None:
@@ -81,9 +90,9 @@ def _from_local(source: SourceConfig, out: Path) -> dict[str, Any]:
     src = Path(source.path).expanduser()
     if not (src / "config.json").is_file():
         raise SourceError(f"local model {src}: no config.json (expected a Hugging Face model folder)")
-    for path in src.iterdir():
-        if path.is_file() and path.name not in (SOURCE_JSON, "manifest.sha256"):
-            shutil.copy2(path, out / path.name)
+    _copy_matching(src, out, HF_ALLOW_PATTERNS + (PICKLE_PATTERNS if source.allow_pickle else []))
+    for stale in (SOURCE_JSON, "manifest.sha256"):
+        (out / stale).unlink(missing_ok=True)
     _require_weights(out, source)
     return {"path": str(src.resolve())}
 

