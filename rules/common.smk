@@ -1,5 +1,9 @@
 # All Python helpers of the workflow: the composed experiment, the sweep grid, input/param functions.
 # The logic itself lives in src/bitsweep; nothing here runs a framework.
+#
+# `snakemake --lint` asks for a conda environment or container per rule: every rule runs in the project's one
+# pinned environment (.venv, built by scripts/install.sh from requirements/lock.txt, with llama.cpp compiled for
+# the host CPU), which a conda package of llama.cpp could not reproduce. That lint is accepted.
 import os
 import sys
 from pathlib import Path
@@ -7,6 +11,10 @@ from pathlib import Path
 from bitsweep.capabilities import backend_info
 from bitsweep.config import load_experiment, to_json
 from bitsweep.errors import BitsweepError
+
+envvars:
+    "PATH",
+
 
 # Jobs call `python`: make it this interpreter (the project's venv), activated or not.
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -17,13 +25,13 @@ try:
         str(config.get("experiment", "default")),
         list(config.get("overrides") or []),
     )
+    EXP.check_paths()
 except BitsweepError as err:
     raise WorkflowError(f"bitsweep: {err}") from None
 
 MODEL = EXP.model.name
 OUT = f"results/{EXP.name}"
 VARIANTS = EXP.variants()
-STAGE = "python scripts/run_stage.py"
 
 
 wildcard_constraints:
@@ -51,10 +59,8 @@ def all_results():
 def tracking_outputs():
     if not EXP.tracking.enabled:
         return []
-    return [
-        f"{OUT}/tracking/{MODEL}/{v.backend}/{v.name}.json"
-        for v in [*VARIANTS, type("Ref", (), {"backend": "reference", "name": "fp32"})]
-    ]
+    cells = [("reference", "fp32"), *((v.backend, v.name) for v in VARIANTS)]
+    return [f"{OUT}/tracking/{MODEL}/{backend}/{scheme}.json" for backend, scheme in cells]
 
 
 REPORT_FILES = ["results.csv", "results.md", "kld_vs_size.png", "ppl_vs_bpw.png", "speed_vs_size.png"]
@@ -110,6 +116,10 @@ def to_json_obj(obj):
     import json
 
     return json.loads(to_json(obj))
+
+
+def output_dir(wildcards, output):
+    return os.path.dirname(output[0])
 
 
 def variant_logs(wildcards):

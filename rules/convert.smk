@@ -12,5 +12,5 @@ rule convert_to_gguf:
     resources:
         mem_mb=4000,
     shell:
-        "{STAGE} convert_to_gguf --model-dir {input:q} --out {output:q} --outtype {wildcards.outtype}"
+        "python scripts/run_stage.py convert_to_gguf --model-dir {input:q} --out {output:q} --outtype {wildcards.outtype}"
         " > {log:q} 2>&1"

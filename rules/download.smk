@@ -8,7 +8,7 @@ rule download_model:
     params:
         model=to_json(EXP.model),
     shell:
-        "{STAGE} download_model --model {params.model:q} --out {output:q} > {log:q} 2>&1"
+        "python scripts/run_stage.py download_model --model {params.model:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule prepare_text:
@@ -21,5 +21,5 @@ rule prepare_text:
     params:
         text=to_json(EXP.eval.text),
     shell:
-        "{STAGE} prepare_text --cfg {params.text:q} --eval-out {output.eval:q} --calib-out {output.calib:q}"
+        "python scripts/run_stage.py prepare_text --cfg {params.text:q} --eval-out {output.eval:q} --calib-out {output.calib:q}"
         " --info-out {output.info:q} > {log:q} 2>&1"

@@ -13,7 +13,7 @@ rule tokenize_eval:
     params:
         eval=to_json(EXP.eval),
     shell:
-        "{STAGE} tokenize_eval --model-dir {input.model:q} --eval-text {input.text:q} --cfg {params.eval:q}"
+        "python scripts/run_stage.py tokenize_eval --model-dir {input.model:q} --eval-text {input.text:q} --cfg {params.eval:q}"
         " --out {output:q} > {log:q} 2>&1"
 
 
@@ -36,7 +36,7 @@ rule evaluate_reference:
         timing=1,
         mem_mb=4000,
     shell:
-        "{STAGE} evaluate_reference --model {params.model:q} --model-dir {input.model:q}"
+        "python scripts/run_stage.py evaluate_reference --model {params.model:q} --model-dir {input.model:q}"
         " --windows-path {input.windows:q} --cfg {params.eval:q} --out-json {output.result:q}"
         " --out-logits {output.logits:q} > {log:q} 2>&1"
 
@@ -59,6 +59,6 @@ rule evaluate:
         timing=1,
         mem_mb=3000,
     shell:
-        "{STAGE} evaluate_variant --model {wildcards.model} --artifact-dir {input.artifact:q}"
+        "python scripts/run_stage.py evaluate_variant --model {wildcards.model} --artifact-dir {input.artifact:q}"
         " --windows-path {input.windows:q} --reference-path {input.reference:q} --cfg {params.eval:q}"
         " --out-json {output:q} > {log:q} 2>&1"

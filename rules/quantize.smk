@@ -12,7 +12,7 @@ rule compute_imatrix:
         settings=to_json(EXP.backends.get("llamacpp", {})),
     threads: EXP.backends.get("llamacpp", {}).get("threads", 2)
     shell:
-        "{STAGE} compute_imatrix --model {input.model:q} --calib-text {input.calib:q} --out {output:q}"
+        "python scripts/run_stage.py compute_imatrix --model {input.model:q} --calib-text {input.calib:q} --out {output:q}"
         " --settings {params.settings:q} > {log:q} 2>&1"
 
 
@@ -31,5 +31,5 @@ rule quantize:
         imatrix=imatrix_arg,
     threads: 2
     shell:
-        "{STAGE} quantize --src {input.src:q} --scheme {params.scheme:q} --settings {params.settings:q}"
+        "python scripts/run_stage.py quantize --src {input.src:q} --scheme {params.scheme:q} --settings {params.settings:q}"
         " --out {output:q} {params.imatrix} > {log:q} 2>&1"

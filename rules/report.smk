@@ -10,6 +10,6 @@ rule aggregate_results:
     log:
         "logs/aggregate_results.log",
     params:
-        out_dir=f"{OUT}/report",
+        out_dir=output_dir,
     shell:
-        "{STAGE} aggregate_results --results {input:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        "python scripts/run_stage.py aggregate_results --results {input:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"

@@ -9,8 +9,10 @@ rule init_tracking:
         "logs/init_tracking.log",
     params:
         tracking=to_json(EXP.tracking),
+        experiment=EXP.name,
     shell:
-        "{STAGE} init_tracking --tracking {params.tracking:q} --experiment {EXP.name} --out {output:q}"
+        "python scripts/run_stage.py init_tracking --tracking {params.tracking:q} --experiment {params.experiment}"
+        " --out {output:q}"
         " > {log:q} 2>&1"
 
 
@@ -29,5 +31,5 @@ rule log_variant:
         run=get_run_params,
         logs=variant_logs,
     shell:
-        "{STAGE} log_variant --tracking {input.tracking:q} --result {input.result:q} --params {params.run:q}"
+        "python scripts/run_stage.py log_variant --tracking {input.tracking:q} --result {input.result:q} --params {params.run:q}"
         " --out {output:q} --logs {params.logs:q} > {log:q} 2>&1"

@@ -52,7 +52,11 @@ def test_experiment_deltas_and_overrides_apply():
         ("default", ["+sweep.onnx=[int8]"], "unknown backend 'onnx'; known: llamacpp"),
         ("default", ["eval.n_ctx=abc"], "eval.n_ctx: expected int"),
         ("default", ["eval.n_windows=0"], "eval.n_windows must be >= 1"),
-        ("default", ["+quant.llamacpp.iq2_xxs.options.imatrix=false"], "IQ2_XXS requires an importance matrix"),
+        (
+            "default",
+            ["+quant.llamacpp.iq2_xxs.options.imatrix=false"],
+            "IQ2_XXS requires an importance matrix",
+        ),
         ("default", ["+quant.llamacpp.q4_0.bits=3"], "type Q4_0 is 4-bit, config says 3"),
         ("default", ["+quant.llamacpp.q4_0.options.typo=1"], "unknown options ['typo']"),
         ("default", ["tracking.uri=ftp://x"], "unknown MLflow tracking URI scheme 'ftp'"),
@@ -88,3 +92,13 @@ def test_tracking_uri_schemes():
     assert TrackingConfig(uri="postgresql+psycopg2://u@h/db").uri
     with pytest.raises(ConfigError):
         TrackingConfig(uri="mongodb://h")
+
+
+def test_missing_files_are_reported_before_any_job(tmp_path):
+    exp = load_experiment(CONFIGS, "smoke", ["eval.text.source=file", f"eval.text.path={tmp_path}/e.txt",
+                                             f"eval.text.calib_path={tmp_path}/c.txt"])  # fmt: skip
+    with pytest.raises(ConfigError, match="eval.text.path: .*e.txt does not exist"):
+        exp.check_paths()
+    (tmp_path / "e.txt").write_text("x")
+    (tmp_path / "c.txt").write_text("y")
+    exp.check_paths()

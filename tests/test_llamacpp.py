@@ -13,7 +13,9 @@ from bitsweep.metrics import ReferenceTopK, kl_divergence
 
 pytestmark = [pytest.mark.llamacpp, pytest.mark.slow]
 
-IDS = np.array([504, 3458, 314, 253, 1345, 28, 1097, 2049, 30, 216, 5248, 198, 7, 44, 17, 901] * 4, dtype=np.int32)
+IDS = np.array(
+    [504, 3458, 314, 253, 1345, 28, 1097, 2049, 30, 216, 5248, 198, 7, 44, 17, 901] * 4, dtype=np.int32
+)
 
 
 def quantize(tiny_gguf, tmp_path, qtype: str, bits: int) -> Artifact:
@@ -52,7 +54,9 @@ def test_kl_divergence_orders_with_bits(tiny_gguf, tmp_path):
     ref.close()
     kld = {}
     for qtype, bits in (("Q8_0", 8), ("Q4_0", 4)):
-        runner = get_backend("llamacpp").load(quantize(tiny_gguf, tmp_path, qtype, bits), threads=2, n_ctx=128)
+        runner = get_backend("llamacpp").load(
+            quantize(tiny_gguf, tmp_path, qtype, bits), threads=2, n_ctx=128
+        )
         kld[qtype] = kl_divergence(top, runner.logits(IDS)).mean()
         prompt_s, gen_s = runner.generate(IDS[:16], 4)
         assert prompt_s > 0 and gen_s > 0

@@ -31,7 +31,7 @@ def results(tmp_path):
 
 def test_report_tables_and_plots(tmp_path, results):
     rows = aggregate_results(results, tmp_path / "report")
-    assert [r["scheme"] for r in rows][0] == "fp32"
+    assert rows[0]["scheme"] == "fp32"
     md = (tmp_path / "report" / "results.md").read_text()
     assert "| llamacpp | q4_k_m | 4 | 6.20 | 100.0 | 16.000 | +6.67 | 0.0500 | 95.0% |" in md
     csv_text = (tmp_path / "report" / "results.csv").read_text()

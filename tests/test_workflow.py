@@ -44,7 +44,10 @@ def results(workdir: Path) -> dict[str, dict]:
 
 def test_sweep_produces_sane_comparable_results(sweep):
     rows = results(sweep)
-    assert set(rows) == {"reference/fp32", *(f"llamacpp/{s}" for s in ("q8_0", "q4_k_m", "q2_k", "iq2_xxs", "tq2_0"))}
+    assert set(rows) == {
+        "reference/fp32",
+        *(f"llamacpp/{s}" for s in ("q8_0", "q4_k_m", "q2_k", "iq2_xxs", "tq2_0")),
+    }
     m = {k: v["metrics"] for k, v in rows.items()}
     assert 5 < m["reference/fp32"]["ppl"] < 60 and math.isfinite(m["reference/fp32"]["ppl"])
     assert m["llamacpp/q8_0"]["kld"] < m["llamacpp/q4_k_m"]["kld"] < m["llamacpp/q2_k"]["kld"]
@@ -53,7 +56,9 @@ def test_sweep_produces_sane_comparable_results(sweep):
     assert sizes == sorted(sizes, reverse=True)
     # Every row was scored on the same windows against the same reference.
     assert len({v["comparability"]["windows_sha256"] for v in rows.values()}) == 1
-    assert len({v["comparability"]["reference_sha256"] for k, v in rows.items() if k != "reference/fp32"}) == 1
+    assert (
+        len({v["comparability"]["reference_sha256"] for k, v in rows.items() if k != "reference/fp32"}) == 1
+    )
     for key, row in m.items():
         assert row["tg_tok_s"] > 0 and row["peak_rss_mb"] > 0, key
     # IQ2_XXS was quantized with the importance matrix, and the artifact says so.
@@ -86,7 +91,9 @@ def test_changing_one_scheme_reruns_only_that_variant(sweep):
     proc = snakemake(sweep, "--dry-run", config=('overrides=["+quant.llamacpp.q2_k.options.pure=true"]',))
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
-    jobs = dict(line.split() for line in out.split("Job stats:")[1].splitlines()[3:] if len(line.split()) == 2)
+    jobs = dict(
+        line.split() for line in out.split("Job stats:")[1].splitlines()[3:] if len(line.split()) == 2
+    )
     assert jobs == {"quantize": "1", "evaluate": "1", "log_variant": "1", "aggregate_results": "1",
                     "all": "1", "total": "5"}  # fmt: skip
     assert "results/smoke/quantized/smollm2-135m/llamacpp/q2_k" in out

@@ -15,7 +15,6 @@ import sys
 import types
 import typing
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from bitsweep.config import from_dict
@@ -65,8 +64,6 @@ def run(stage: Callable[..., Any], argv: list[str] | None = None) -> Any:
         logging.getLogger("bitsweep").error("%s", err)
         print(f"bitsweep: {type(err).__name__}: {err}", file=sys.stderr)
         sys.exit(1)
-
-
 
 
 def run_named(argv: list[str]) -> Any:

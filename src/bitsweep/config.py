@@ -28,7 +28,9 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 
 def _check_name(kind: str, name: str) -> None:
     if not NAME_RE.match(name):
-        raise ConfigError(f"{kind} name {name!r} must match {NAME_RE.pattern} (it becomes a path and a wildcard)")
+        raise ConfigError(
+            f"{kind} name {name!r} must match {NAME_RE.pattern} (it becomes a path and a wildcard)"
+        )
 
 
 @dataclass(frozen=True)
@@ -166,9 +168,13 @@ def _check_llamacpp_scheme(scheme: SchemeConfig) -> None:
         raise ConfigError(f"scheme {scheme.variant}: unknown options {sorted(extra)}; known: {sorted(known)}")
     qtype = llamacpp_type(str(scheme.options.get("type", "")))
     if qtype.bits != scheme.bits:
-        raise ConfigError(f"scheme {scheme.variant}: type {qtype.name} is {qtype.bits}-bit, config says {scheme.bits}")
+        raise ConfigError(
+            f"scheme {scheme.variant}: type {qtype.name} is {qtype.bits}-bit, config says {scheme.bits}"
+        )
     if qtype.needs_imatrix and scheme.options.get("imatrix") is False:
-        raise ConfigError(f"scheme {scheme.variant}: llama.cpp type {qtype.name} requires an importance matrix")
+        raise ConfigError(
+            f"scheme {scheme.variant}: llama.cpp type {qtype.name} requires an importance matrix"
+        )
 
 
 @dataclass(frozen=True)
@@ -184,6 +190,14 @@ class ExperimentConfig:
         _check_name("experiment", self.name)
         if not any(self.schemes.values()):
             raise ConfigError(f"experiment {self.name!r} sweeps no scheme (set sweep.<backend>: [schemes])")
+
+    def check_paths(self) -> None:
+        """Files the experiment names must exist before any job runs (the workflow calls this)."""
+        named = {"model.source.path": self.model.source.path if self.model.source.kind == "local" else None,
+                 "eval.text.path": self.eval.text.path, "eval.text.calib_path": self.eval.text.calib_path}  # fmt: skip
+        for key, path in named.items():
+            if path is not None and not Path(path).expanduser().exists():
+                raise ConfigError(f"{key}: {path} does not exist")
 
     def variants(self) -> list[SchemeConfig]:
         return [s for by_name in self.schemes.values() for s in by_name.values()]
@@ -259,7 +273,7 @@ def compose_dict(config_dir: str | Path, overrides: list[str]) -> dict[str, Any]
             cfg = compose(config_name="config", overrides=list(overrides))
         return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
     except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(f"cannot compose the configuration: {err}".splitlines()[0]) from None
+        raise ConfigError("cannot compose the configuration: " + " ".join(str(err).split())) from None
     finally:
         GlobalHydra.instance().clear()
 
@@ -327,7 +341,9 @@ def experiment_from_dict(full: dict[str, Any]) -> ExperimentConfig:
     schemes: dict[str, dict[str, SchemeConfig]] = {}
     for backend, by_name in (full.get("quant") or {}).items():
         schemes[backend] = {
-            name: from_dict(SchemeConfig, {**body, "backend": backend, "name": name}, f"quant.{backend}.{name}")
+            name: from_dict(
+                SchemeConfig, {**body, "backend": backend, "name": name}, f"quant.{backend}.{name}"
+            )
             for name, body in by_name.items()
         }
     return ExperimentConfig(

@@ -12,7 +12,7 @@ import logging
 import resource
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +92,9 @@ def score(
 ) -> tuple[dict[str, Any], ReferenceLogits | None]:
     """Quality over all windows (and, with ``keep_top_k``, the top-k log-probs to serve as the reference)."""
     if reference is not None and reference.windows_sha256 != windows.digest:
-        raise ComparabilityError("reference logits were computed on other token windows; re-run the reference")
+        raise ComparabilityError(
+            "reference logits were computed on other token windows; re-run the reference"
+        )
     check_tokenizer(runner, windows)
     acc = QualityAccumulator()
     kept: list[ReferenceTopK] = []
@@ -100,7 +102,9 @@ def score(
     for i, ids in enumerate(windows.ids):
         logits = runner.logits(ids)
         if logits.shape[0] != len(ids):
-            raise ComparabilityError(f"runner returned {logits.shape[0]} rows of logits for {len(ids)} tokens")
+            raise ComparabilityError(
+                f"runner returned {logits.shape[0]} rows of logits for {len(ids)} tokens"
+            )
         acc.add(ids, logits, reference.window(i) if reference is not None else None)
         if keep_top_k:
             kept.append(ReferenceTopK.from_logits(logits, keep_top_k))
@@ -127,7 +131,11 @@ def evaluate_runner(
         # Speed and memory first: the process's peak RSS then covers loading and generation only, not the
         # metric arrays that scoring allocates.
         metrics = measure_speed(runner, windows, cfg)
-        metrics |= {"load_seconds": load_seconds, "peak_rss_mb": peak_rss_mb(), "model_rss_mb": peak_rss_mb() - baseline}
+        metrics |= {
+            "load_seconds": load_seconds,
+            "peak_rss_mb": peak_rss_mb(),
+            "model_rss_mb": peak_rss_mb() - baseline,
+        }
         quality, ref = score(runner, windows, reference, cfg, keep_top_k)
     finally:
         runner.close()
@@ -145,7 +153,3 @@ def comparability(windows: Windows, reference_path: str | Path | None) -> dict[s
         "reference_sha256": sha256_file(reference_path) if reference_path else None,
         "tokenizer_check": "decoded bytes identical to the reference tokenizer on every window",
     }
-
-
-def eval_config_dict(cfg: EvalConfig) -> dict[str, Any]:
-    return asdict(cfg)

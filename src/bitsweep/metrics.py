@@ -50,7 +50,11 @@ def _log1m_exp_sum(logp: np.ndarray) -> np.ndarray:
 
 def kl_divergence(ref: ReferenceTopK, logits: np.ndarray) -> np.ndarray:
     """Per-position KL(reference || variant) on the top-k + tail partition; shape (n-1,)."""
-    q_all = log_softmax(logits[:-1])
+    return kl_from_logp(ref, log_softmax(logits[:-1]))
+
+
+def kl_from_logp(ref: ReferenceTopK, q_all: np.ndarray) -> np.ndarray:
+    """As :func:`kl_divergence`, from the variant's (n-1, V) log-probs."""
     q = np.take_along_axis(q_all, ref.ids.astype(np.int64), axis=-1)
     p = ref.logp.astype(np.float64)
     p_tail, q_tail = ref.tail_logp(), _log1m_exp_sum(q)
@@ -60,7 +64,10 @@ def kl_divergence(ref: ReferenceTopK, logits: np.ndarray) -> np.ndarray:
 
 def token_nll(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """Negative log-likelihood of tokens 1..n-1 given their prefixes; shape (n-1,)."""
-    logp = log_softmax(logits[:-1])
+    return nll_from_logp(log_softmax(logits[:-1]), ids)
+
+
+def nll_from_logp(logp: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return -np.take_along_axis(logp, ids[1:, None].astype(np.int64), axis=-1)[:, 0]
 
 
@@ -75,9 +82,10 @@ class QualityAccumulator:
     def add(self, ids: np.ndarray, logits: np.ndarray, ref: ReferenceTopK | None) -> None:
         if not np.isfinite(logits).all():
             raise FloatingPointError("runner returned non-finite logits")
-        self.nll.append(token_nll(logits, ids))
+        logp = log_softmax(logits[:-1])  # (n-1, V) float64, computed once per window
+        self.nll.append(nll_from_logp(logp, ids))
         if ref is not None:
-            self.kld.append(kl_divergence(ref, logits))
+            self.kld.append(kl_from_logp(ref, logp))
             self.top1.append(logits[:-1].argmax(axis=-1) == ref.ids[:, 0])
 
     def summary(self) -> dict[str, float]:

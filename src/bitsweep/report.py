@@ -71,7 +71,9 @@ def _fmt(fmt: str, value: Any) -> str:
     return fmt.format(value)
 
 
-def plot(rows: list[dict[str, Any]], x: str, y: str, path: Path, title: str, maximise_y: bool = False) -> None:
+def plot(
+    rows: list[dict[str, Any]], x: str, y: str, path: Path, title: str, maximise_y: bool = False
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,10 +86,12 @@ def plot(rows: list[dict[str, Any]], x: str, y: str, path: Path, title: str, max
     for backend in sorted({r["backend"] for r in rows}):
         mine = [r for r in rows if r["backend"] == backend]
         ax.scatter([r[x] for r in mine], [r[y] for r in mine], label=backend, s=36, zorder=3)
-    for i, row in enumerate(rows):
+    for row in rows:
         ax.annotate(row["scheme"], (row[x], row[y]), textcoords="offset points", xytext=(4, 3), fontsize=7)
     front_rows = sorted((rows[i] for i in front), key=lambda r: r[x])
-    ax.plot([r[x] for r in front_rows], [r[y] for r in front_rows], "k--", lw=1, label="Pareto front", zorder=2)
+    ax.plot(
+        [r[x] for r in front_rows], [r[y] for r in front_rows], "k--", lw=1, label="Pareto front", zorder=2
+    )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel(x)

@@ -60,7 +60,9 @@ def _from_hub(source: SourceConfig, out: Path) -> dict[str, Any]:
     patterns = HF_ALLOW_PATTERNS + (PICKLE_PATTERNS if source.allow_pickle else [])
     # Into the shared hub cache (reused across experiments), then only the allowed files into `out`: offline,
     # snapshot_download returns the cached snapshot whole, whatever allow_patterns says.
-    snapshot = Path(snapshot_download(repo_id=source.repo_id, revision=source.revision, allow_patterns=patterns))
+    snapshot = Path(
+        snapshot_download(repo_id=source.repo_id, revision=source.revision, allow_patterns=patterns)
+    )
     _copy_matching(snapshot, out, patterns)
     _require_weights(out, source)
     return {"repo_id": source.repo_id, "revision": source.revision, "snapshot": str(snapshot)}
@@ -106,7 +108,9 @@ def find_package_file(package: str, filename: str) -> Path:
         if path.is_file():
             return path
     shipped = sorted(p.name for loc in spec.submodule_search_locations for p in Path(loc).glob("*.gguf"))
-    raise SourceError(f"package {package!r} has no file {filename!r}; it ships: {', '.join(shipped) or 'no GGUF'}")
+    raise SourceError(
+        f"package {package!r} has no file {filename!r}; it ships: {', '.join(shipped) or 'no GGUF'}"
+    )
 
 
 def _from_gguf_package(source: SourceConfig, out: Path) -> dict[str, Any]:
@@ -154,7 +158,9 @@ def gpt2_tokenizer_from_gguf(path: Path):
         return found.contents() if found is not None else default
 
     if field("tokenizer.ggml.model") != "gpt2":
-        raise SourceError(f"{path}: tokenizer {field('tokenizer.ggml.model')!r} is not byte-level BPE ('gpt2')")
+        raise SourceError(
+            f"{path}: tokenizer {field('tokenizer.ggml.model')!r} is not byte-level BPE ('gpt2')"
+        )
     tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
     merges = [tuple(m.split(" ", 1)) for m in field("tokenizer.ggml.merges")]
     backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
@@ -164,7 +170,9 @@ def gpt2_tokenizer_from_gguf(path: Path):
     )
     backend.decoder = decoders.ByteLevel()
     control = int(gguf.TokenType.CONTROL)
-    backend.add_special_tokens([AddedToken(t, special=True) for t, k in zip(tokens, types) if k == control])
+    backend.add_special_tokens(
+        [AddedToken(t, special=True) for t, k in zip(tokens, types, strict=True) if k == control]
+    )
 
     def token(key: str) -> str | None:
         index = field(f"tokenizer.ggml.{key}_token_id")

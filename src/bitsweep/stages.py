@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ def download_model(model: ModelConfig, out: Path) -> dict[str, Any]:
 
 
 def prepare_text(cfg: TextConfig, eval_out: Path, calib_out: Path, info_out: Path) -> None:
-    write_json(info_out, {"config": cfg.__dict__, **write_texts(cfg, eval_out, calib_out)})
+    write_json(info_out, {"config": asdict(cfg), **write_texts(cfg, eval_out, calib_out)})
 
 
 def tokenize_eval(model_dir: Path, eval_text: Path, cfg: EvalConfig, out: Path) -> None:
@@ -57,7 +59,7 @@ def evaluate_reference(
     result = _result(model.name, "reference", "fp32", 32, metrics, {
         "comparability": comparability(windows, out_logits),
         "artifact": {"path": str(model_dir), "n_params": n_params, "runtime": "torch fp32"},
-        "config": {"eval": cfg.__dict__ | {"text": cfg.text.__dict__, "speed": cfg.speed.__dict__}},
+        "config": {"eval": asdict(cfg)},
     })  # fmt: skip
     write_json(out_json, result)
     return result
@@ -71,7 +73,7 @@ def _hf_param_count(model_dir: Path) -> int:
         with safe_open(path, "np") as handle:
             for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 shape = handle.get_slice(key).get_shape()
-                total += int(__import__("math").prod(shape))
+                total += math.prod(shape)
     return total
 
 
@@ -114,7 +116,7 @@ def evaluate_variant(
     result = _result(model, artifact.meta["backend"], artifact.meta["scheme"], artifact.meta["bits"], metrics, {
         "comparability": comparability(windows, reference_path),
         "artifact": artifact.meta,
-        "config": {"eval": cfg.__dict__ | {"text": cfg.text.__dict__, "speed": cfg.speed.__dict__}},
+        "config": {"eval": asdict(cfg)},
         "evaluated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })  # fmt: skip
     write_json(out_json, result)
@@ -127,7 +129,9 @@ def init_tracking(tracking: TrackingConfig, experiment: str, out: Path) -> dict[
     return run(tracking, experiment, out)
 
 
-def log_variant(tracking: Path, result: Path, params: dict[str, Any], out: Path, logs: list[Path] = ()) -> dict:
+def log_variant(
+    tracking: Path, result: Path, params: dict[str, Any], out: Path, logs: list[Path] = ()
+) -> dict:
     from bitsweep.tracking import log_variant as run
 
     return run(tracking, result, list(logs), params, out)

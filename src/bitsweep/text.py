@@ -100,7 +100,10 @@ class Windows:
     def load(cls, path: str | Path) -> Windows:
         with np.load(path) as data:
             return cls(
-                data["ids"], str(data["text_sha256"]), str(data["tokenizer"]), tuple(map(str, data["decoded_sha256"]))
+                data["ids"],
+                str(data["text_sha256"]),
+                str(data["tokenizer"]),
+                tuple(map(str, data["decoded_sha256"])),
             )
 
 

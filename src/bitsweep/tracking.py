@@ -57,7 +57,9 @@ def _client(uri: str):
 
 def git_commit(cwd: Path | None = None) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
+        )
     except (OSError, subprocess.CalledProcessError):
         return None
     return out.stdout.strip() or None
@@ -76,7 +78,8 @@ def cpu_name() -> str:
 def init_tracking(cfg: TrackingConfig, experiment: str, out: Path) -> dict[str, Any]:
     """Create (or reuse) the MLflow experiment and this sweep's parent run; write their ids to ``out``."""
     if not cfg.enabled:
-        return write_json(out, {"enabled": False}) and {"enabled": False}
+        write_json(out, {"enabled": False})
+        return {"enabled": False}
     uri = tracking_uri(cfg)
     client = _client(uri)
     name = experiment_name(cfg, experiment)
@@ -98,11 +101,14 @@ def init_tracking(cfg: TrackingConfig, experiment: str, out: Path) -> dict[str, 
     return info
 
 
-def log_variant(tracking: Path, result: Path, logs: list[Path], params: dict[str, Any], out: Path) -> dict[str, Any]:
+def log_variant(
+    tracking: Path, result: Path, logs: list[Path], params: dict[str, Any], out: Path
+) -> dict[str, Any]:
     """One child run for one evaluated variant; an earlier run of the same variant in this sweep is replaced."""
     info = read_json(tracking)
     if not info.get("enabled"):
-        return write_json(out, {"enabled": False}) and {"enabled": False}
+        write_json(out, {"enabled": False})
+        return {"enabled": False}
     data = read_json(result)
     variant = f"{data['backend']}/{data['scheme']}"
     client = _client(info["uri"])
@@ -137,7 +143,9 @@ def log_variant(tracking: Path, result: Path, logs: list[Path], params: dict[str
     except Exception:
         client.set_terminated(run_id, status="FAILED")
         raise
-    return write_json(out, {"enabled": True, "run_id": run_id, **info}) and {"run_id": run_id}
+    record = {**info, "run_id": run_id}
+    write_json(out, record)
+    return record
 
 
 def _log_params(client, run_id: str, params: dict[str, Any]) -> None:

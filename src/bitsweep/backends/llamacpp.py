@@ -45,7 +45,9 @@ def tool_path(name: str) -> Path:
 
 
 def converter_path() -> Path:
-    path = Path(os.environ.get("BITSWEEP_LLAMA_CONVERTER", Path(sys.prefix) / "share/llama.cpp/convert_hf_to_gguf.py"))
+    path = Path(
+        os.environ.get("BITSWEEP_LLAMA_CONVERTER", Path(sys.prefix) / "share/llama.cpp/convert_hf_to_gguf.py")
+    )
     if not path.is_file():
         raise LlamaCppToolError(f"{path} not found: installed by scripts/install.sh from llama.cpp's source")
     return path
@@ -53,10 +55,15 @@ def converter_path() -> Path:
 
 def run_tool(args: list[str | Path]) -> None:
     """Run a llama.cpp tool, streaming its output into our log; fail with its last lines."""
-    env = {**os.environ, "LD_LIBRARY_PATH": f"{_site_packages() / 'lib'}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
+    env = {
+        **os.environ,
+        "LD_LIBRARY_PATH": f"{_site_packages() / 'lib'}:{os.environ.get('LD_LIBRARY_PATH', '')}",
+    }
     cmd = [str(a) for a in args]
     log.info("running: %s", " ".join(cmd))
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
+    proc = subprocess.run(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False
+    )
     sys.stdout.write(proc.stdout)
     sys.stdout.flush()
     if proc.returncode != 0:
@@ -73,7 +80,9 @@ def convert_hf_to_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f
     tmp.replace(out)
 
 
-def compute_imatrix(model: str | Path, calib_text: str | Path, out: str | Path, settings: dict[str, Any]) -> None:
+def compute_imatrix(
+    model: str | Path, calib_text: str | Path, out: str | Path, settings: dict[str, Any]
+) -> None:
     cfg = settings.get("imatrix", {})
     run_tool(
         [
