@@ -91,15 +91,14 @@ def test_changing_one_scheme_reruns_only_that_variant(sweep):
     proc = snakemake(sweep, "--dry-run", config=('overrides=["+quant.llamacpp.q2_k.options.pure=true"]',))
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
-    jobs = dict(
-        line.split() for line in out.split("Job stats:")[1].splitlines()[3:] if len(line.split()) == 2
-    )
+    table = out.split("Job stats:")[1].split("\n\n")[0].splitlines()[3:]  # after "job count" and "----"
+    jobs = dict(line.split() for line in table)
     assert jobs == {"quantize": "1", "evaluate": "1", "log_variant": "1", "aggregate_results": "1",
                     "all": "1", "total": "5"}  # fmt: skip
     assert "results/smoke/quantized/smollm2-135m/llamacpp/q2_k" in out
 
 
 def test_bad_input_stops_before_any_job(sweep):
-    proc = snakemake(sweep, "--dry-run", config=("overrides=[sweep.llamacpp=[q4_k_m,q9_k]]",))
+    proc = snakemake(sweep, "--dry-run", config=('overrides=["sweep.llamacpp=[q4_k_m,q9_k]"]',))
     assert proc.returncode != 0
     assert "unknown llamacpp scheme 'q9_k'; known: f16, iq1_m" in proc.stderr + proc.stdout
