@@ -76,23 +76,31 @@ def converted_model(backend):
     if fmt == "gguf":
         outtype = EXP.backends[backend].get("convert_outtype", "f32")
         return f"{OUT}/converted/{MODEL}/gguf/model-{outtype}.gguf"
+    if fmt == "openvino":
+        return f"{OUT}/converted/{MODEL}/openvino"
     raise WorkflowError(f"no conversion rule for format {fmt!r} (backend {backend!r})")
 
 
-def needs_imatrix(scheme):
-    return scheme.backend == "llamacpp" and bool(scheme.options.get("imatrix"))
+CALIB_TEXT = f"data/text/{EXP.eval.text.source}/calib.txt"
 
 
 def get_quantize_input(wildcards):
+    """The converted model, plus what a data-aware scheme reads: llama.cpp's imatrix or the calibration text."""
     scheme = scheme_of(wildcards)
     inputs = {"src": converted_model(scheme.backend)}
-    if needs_imatrix(scheme):
-        inputs["imatrix"] = f"{OUT}/imatrix/{MODEL}/{scheme.backend}.gguf"
+    if scheme.needs_calibration and scheme.backend == "llamacpp":
+        inputs["imatrix"] = f"{OUT}/imatrix/{MODEL}/llamacpp.gguf"
+    elif scheme.needs_calibration:
+        inputs["calib"] = CALIB_TEXT
     return inputs
 
 
-def imatrix_arg(wildcards, input):
-    return f"--imatrix {input.imatrix}" if "imatrix" in input.keys() else ""
+def calibration_args(wildcards, input):
+    if "imatrix" in input.keys():
+        return f"--imatrix {input.imatrix}"
+    if "calib" in input.keys():
+        return f"--calib-text {input.calib}"
+    return ""
 
 
 def get_scheme_json(wildcards):

@@ -14,3 +14,23 @@ rule convert_to_gguf:
     shell:
         "python scripts/run_stage.py convert_to_gguf --model-dir {input:q} --out {output:q} --outtype {wildcards.outtype}"
         " > {log:q} 2>&1"
+
+
+rule convert_to_openvino:
+    input:
+        model="data/models/{model}",
+        windows=f"{OUT}/windows/{{model}}.npz",
+    output:
+        directory(f"{OUT}/converted/{{model}}/openvino"),
+    log:
+        "logs/convert_to_openvino/{model}.log",
+    benchmark:
+        "benchmarks/convert_to_openvino/{model}.tsv"
+    params:
+        model=to_json(EXP.model),
+    threads: 2
+    resources:
+        mem_mb=6000,
+    shell:
+        "python scripts/run_stage.py convert_to_openvino --model {params.model:q} --model-dir {input.model:q}"
+        " --windows-path {input.windows:q} --out {output:q} > {log:q} 2>&1"

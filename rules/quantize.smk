@@ -1,7 +1,7 @@
 rule compute_imatrix:
     input:
         model=converted_model("llamacpp") if "llamacpp" in EXP.schemes else [],
-        calib=f"data/text/{EXP.eval.text.source}/calib.txt",
+        calib=CALIB_TEXT,
     output:
         f"{OUT}/imatrix/{{model}}/llamacpp.gguf",
     log:
@@ -28,8 +28,8 @@ rule quantize:
     params:
         scheme=get_scheme_json,
         settings=get_settings_json,
-        imatrix=imatrix_arg,
+        calibration=calibration_args,
     threads: 2
     shell:
         "python scripts/run_stage.py quantize --src {input.src:q} --scheme {params.scheme:q} --settings {params.settings:q}"
-        " --out {output:q} {params.imatrix} > {log:q} 2>&1"
+        " --out {output:q} {params.calibration} > {log:q} 2>&1"

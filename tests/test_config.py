@@ -20,13 +20,16 @@ def test_every_experiment_composes_and_validates(experiment):
         assert scheme.backend in BACKENDS
 
 
-def test_every_llamacpp_scheme_file_is_valid():
-    names = sorted(p.stem for p in (CONFIGS / "quant" / "llamacpp").glob("*.yaml"))
-    exp = load_experiment(CONFIGS, "default", [f"sweep.llamacpp=[{','.join(names)}]"])
-    assert {s.name for s in exp.variants()} == set(names)
-    for scheme in exp.variants():
-        assert scheme.options["type"] in LLAMACPP_TYPES
-        if LLAMACPP_TYPES[scheme.options["type"]].needs_imatrix:
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_every_scheme_file_is_valid(backend):
+    names = sorted(p.stem for p in (CONFIGS / "quant" / backend).glob("*.yaml"))
+    exp = load_experiment(CONFIGS, "default", [f"sweep.{backend}=[{','.join(names)}]"])
+    schemes = [s for s in exp.variants() if s.backend == backend]
+    assert sorted(s.name for s in schemes) == names
+    info = BACKENDS[backend]
+    for scheme in schemes:
+        assert info.type_bits[scheme.options[info.type_key].upper()] == scheme.bits
+        if backend == "llamacpp" and LLAMACPP_TYPES[scheme.options["type"]].needs_imatrix:
             assert scheme.options["imatrix"] is True
 
 
@@ -49,7 +52,13 @@ def test_experiment_deltas_and_overrides_apply():
         ("default", ["model=gpt5"], "unknown model 'gpt5'; known: smollm2-135m"),
         ("default", ["eval=imagenet"], "unknown eval 'imagenet'"),
         ("default", ["sweep.llamacpp=[q4_k_m,q9_k]"], "unknown llamacpp scheme 'q9_k'; known: f16, iq1_m"),
-        ("default", ["+sweep.onnx=[int8]"], "unknown backend 'onnx'; known: llamacpp"),
+        ("default", ["+sweep.onnx=[int8]"], "unknown backend 'onnx'; known: llamacpp, openvino"),
+        ("default", ["+quant.openvino.nf4_g64.options.mode=NF5"], "unknown openvino mode 'NF5'; known: FP4"),
+        (
+            "default",
+            ["+quant.openvino.int8_asym.options.mode=INT4_ASYM"],
+            "mode INT4_ASYM is 4-bit, config says 8",
+        ),
         ("default", ["eval.n_ctx=abc"], "eval.n_ctx: expected int"),
         ("default", ["eval.n_windows=0"], "eval.n_windows must be >= 1"),
         (
@@ -60,7 +69,7 @@ def test_experiment_deltas_and_overrides_apply():
         ("default", ["+quant.llamacpp.q4_0.bits=3"], "type Q4_0 is 4-bit, config says 3"),
         ("default", ["+quant.llamacpp.q4_0.options.typo=1"], "unknown options ['typo']"),
         ("default", ["tracking.uri=ftp://x"], "unknown MLflow tracking URI scheme 'ftp'"),
-        ("default", ["sweep.llamacpp=[]"], "sweeps no scheme"),
+        ("default", ["sweep.llamacpp=[]", "sweep.openvino=[]"], "sweeps no scheme"),
     ],
 )
 def test_bad_input_fails_with_one_clear_message(experiment, overrides, message):

@@ -13,7 +13,7 @@ import pytest
 
 from .conftest import ROOT
 
-pytestmark = [pytest.mark.workflow, pytest.mark.slow, pytest.mark.llamacpp]
+pytestmark = [pytest.mark.workflow, pytest.mark.slow, pytest.mark.llamacpp, pytest.mark.openvino]
 
 WORKFLOW_FILES = ["Snakefile", "rules", "configs", "scripts", "profiles", "report"]
 
@@ -44,14 +44,25 @@ def results(workdir: Path) -> dict[str, dict]:
 
 def test_sweep_produces_sane_comparable_results(sweep):
     rows = results(sweep)
-    assert set(rows) == {
-        "reference/fp32",
-        *(f"llamacpp/{s}" for s in ("q8_0", "q4_k_m", "q2_k", "iq2_xxs", "tq2_0")),
-    }
+    llamacpp = ("q8_0", "q4_k_m", "q2_k", "iq2_xxs", "tq2_0")
+    openvino = ("int8_asym", "int4_asym_g128", "int4_asym_awq_se")
+    assert set(rows) == {"reference/fp32", *(f"llamacpp/{s}" for s in llamacpp),
+                         *(f"openvino/{s}" for s in openvino)}  # fmt: skip
     m = {k: v["metrics"] for k, v in rows.items()}
     assert 5 < m["reference/fp32"]["ppl"] < 60 and math.isfinite(m["reference/fp32"]["ppl"])
     assert m["llamacpp/q8_0"]["kld"] < m["llamacpp/q4_k_m"]["kld"] < m["llamacpp/q2_k"]["kld"]
     assert m["llamacpp/q8_0"]["top1"] > 0.9
+    # OpenVINO: INT8 < INT4, and the data-aware INT4 (AWQ + scale estimation) is no worse than plain INT4.
+    assert (
+        m["openvino/int8_asym"]["kld"]
+        < m["openvino/int4_asym_awq_se"]["kld"]
+        <= m["openvino/int4_asym_g128"]["kld"]
+    )
+    assert rows["openvino/int4_asym_g128"]["artifact"]["applied"]["weight_types"]["u4"] > 100
+    ir_check = json.loads(
+        (sweep / "results/smoke/converted/smollm2-135m/openvino/conversion.json").read_text()
+    )
+    assert ir_check["max_abs_logit_diff_vs_torch"] < 1e-2
     sizes = [m[f"llamacpp/{s}"]["size_bytes"] for s in ("q8_0", "q4_k_m", "q2_k")]
     assert sizes == sorted(sizes, reverse=True)
     # Every row was scored on the same windows against the same reference.
@@ -77,7 +88,7 @@ def test_report_and_mlflow_runs(sweep):
     info = json.loads((sweep / "results/smoke/tracking/sweep.json").read_text())
     client = MlflowClient(info["uri"])
     runs = client.search_runs([info["experiment_id"]], f"tags.mlflow.parentRunId = '{info['parent_run_id']}'")
-    assert len(runs) == 6
+    assert len(runs) == 9
     q8 = next(r for r in runs if r.info.run_name == "llamacpp/q8_0")
     assert q8.data.params["options.type"] == "Q8_0" and q8.data.metrics["kld"] > 0
 

@@ -7,7 +7,7 @@ and is imported only when a job actually uses it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from bitsweep.errors import ConfigError, unknown
 
@@ -67,6 +67,17 @@ LLAMACPP_TYPES: dict[str, LlamaCppType] = {
 }
 
 
+# NNCF weight-compression modes (nncf.CompressWeightsMode names) and their bit class. "NONE": the fp32 IR
+# as exported, the OpenVINO runtime's own full-precision check against torch.
+NNCF_MODES: dict[str, int] = {
+    "NONE": 32,
+    "INT8_ASYM": 8, "INT8_SYM": 8, "MXFP8_E4M3": 8, "FP8_E4M3": 8,
+    "INT4_ASYM": 4, "INT4_SYM": 4, "NF4": 4, "MXFP4": 4, "FP4": 4, "NVFP4": 4,
+    "INT3_SYM": 3, "INT2_SYM": 2,
+    "STATIC_INT8": 8,  # nncf.quantize: weights and activations
+}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class BackendInfo:
     """What the planner needs to know about a backend without importing it."""
@@ -74,13 +85,31 @@ class BackendInfo:
     name: str
     module: str  # "package.module:Class", imported lazily by bitsweep.backends.get_backend
     source_format: str  # the converted format its quantizer reads: "gguf", "hf", "onnx", ...
-    bits: frozenset[int] = field(default_factory=frozenset)
+    type_key: str  # the scheme option naming the format: "type" (llama.cpp), "mode" (NNCF)
+    type_bits: dict[str, int]  # format -> bit class
+    options: frozenset[str]  # every option a scheme of this backend may set
 
-    def check_bits(self, scheme: str, bits: int) -> None:
+    @property
+    def bits(self) -> frozenset[int]:
+        return frozenset(self.type_bits.values())
+
+    def check_scheme(self, scheme: str, bits: int, options: dict) -> None:
+        """Reject a scheme this backend cannot run, naming what it can."""
+        where = f"scheme {self.name}/{scheme}"
         if bits not in self.bits:
             raise ConfigError(
-                f"backend {self.name!r} cannot quantize to {bits} bits (scheme {scheme!r}); "
+                f"backend {self.name!r} cannot quantize to {bits} bits ({where}); "
                 f"it supports: {', '.join(map(str, sorted(self.bits)))}"
+            )
+        extra = set(options) - self.options
+        if extra:
+            raise ConfigError(f"{where}: unknown options {sorted(extra)}; known: {sorted(self.options)}")
+        kind = str(options.get(self.type_key, "")).upper()
+        if kind not in self.type_bits:
+            raise unknown(f"{self.name} {self.type_key}", kind, self.type_bits)
+        if self.type_bits[kind] != bits:
+            raise ConfigError(
+                f"{where}: {self.type_key} {kind} is {self.type_bits[kind]}-bit, config says {bits}"
             )
 
 
@@ -89,7 +118,32 @@ BACKENDS: dict[str, BackendInfo] = {
         name="llamacpp",
         module="bitsweep.backends.llamacpp:LlamaCppBackend",
         source_format="gguf",
-        bits=frozenset(t.bits for t in LLAMACPP_TYPES.values()),
+        type_key="type",
+        type_bits={t.name: t.bits for t in LLAMACPP_TYPES.values()},
+        options=frozenset({"type", "imatrix", "pure", "extra_args"}),
+    ),
+    "openvino": BackendInfo(
+        name="openvino",
+        module="bitsweep.backends.openvino:OpenVINOBackend",
+        source_format="openvino",
+        type_key="mode",
+        type_bits=NNCF_MODES,
+        options=frozenset(
+            {
+                "mode",
+                "group_size",
+                "ratio",
+                "all_layers",
+                "backup_mode",
+                "awq",
+                "scale_estimation",
+                "gptq",
+                "lora_correction",
+                "sensitivity_metric",
+                "dataset",
+                "subset_size",
+            }
+        ),
     ),
 }
 

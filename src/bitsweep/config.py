@@ -151,8 +151,7 @@ class SchemeConfig:
 
     def __post_init__(self) -> None:
         _check_name("scheme", self.name)
-        info = backend_info(self.backend)
-        info.check_bits(self.name, self.bits)
+        backend_info(self.backend).check_scheme(self.name, self.bits, self.options)
         if self.backend == "llamacpp":
             _check_llamacpp_scheme(self)
 
@@ -160,17 +159,16 @@ class SchemeConfig:
     def variant(self) -> str:
         return f"{self.backend}/{self.name}"
 
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether quantization reads the calibration text (importance matrix, data-aware or static methods)."""
+        if self.backend == "llamacpp":
+            return bool(self.options.get("imatrix"))
+        return bool(self.options.get("dataset")) or self.options.get("mode") == "STATIC_INT8"
+
 
 def _check_llamacpp_scheme(scheme: SchemeConfig) -> None:
-    known = {"type", "imatrix", "pure", "extra_args"}
-    extra = set(scheme.options) - known
-    if extra:
-        raise ConfigError(f"scheme {scheme.variant}: unknown options {sorted(extra)}; known: {sorted(known)}")
-    qtype = llamacpp_type(str(scheme.options.get("type", "")))
-    if qtype.bits != scheme.bits:
-        raise ConfigError(
-            f"scheme {scheme.variant}: type {qtype.name} is {qtype.bits}-bit, config says {scheme.bits}"
-        )
+    qtype = llamacpp_type(str(scheme.options["type"]))
     if qtype.needs_imatrix and scheme.options.get("imatrix") is False:
         raise ConfigError(
             f"scheme {scheme.variant}: llama.cpp type {qtype.name} requires an importance matrix"

@@ -84,6 +84,26 @@ def convert_to_gguf(model_dir: Path, out: Path, outtype: str) -> None:
     convert_hf_to_gguf(model_dir, out, outtype)
 
 
+def convert_to_openvino(model: ModelConfig, model_dir: Path, windows_path: Path, out: Path) -> dict[str, Any]:
+    """HF -> stateful fp32 IR; records the IR's max |logit - torch logit| on the first evaluation window."""
+    from bitsweep.backends.openvino import OpenVINORunner, export_openvino
+    from bitsweep.backends.torch_ref import TorchRunner
+
+    verify_manifest(model_dir)
+    export_openvino(model_dir, out, model.trust_remote_code)
+    ids = Windows.load(windows_path).ids[0]
+    torch_logits = TorchRunner(model_dir, threads=2, trust_remote_code=model.trust_remote_code).logits(ids)
+    runner = OpenVINORunner(out, threads=2)
+    check = {
+        "max_abs_logit_diff_vs_torch": float(abs(runner.logits(ids) - torch_logits).max()),
+        "tokens": len(ids),
+    }
+    runner.close()
+    write_json(out / "conversion.json", check)
+    log.info("OpenVINO IR vs torch on window 0: max |diff| %.2e", check["max_abs_logit_diff_vs_torch"])
+    return check
+
+
 def compute_imatrix(model: Path, calib_text: Path, out: Path, settings: dict[str, Any]) -> None:
     from bitsweep.backends.llamacpp import compute_imatrix as run
 
@@ -91,10 +111,15 @@ def compute_imatrix(model: Path, calib_text: Path, out: Path, settings: dict[str
 
 
 def quantize(
-    src: Path, scheme: SchemeConfig, settings: dict[str, Any], out: Path, imatrix: Path | None = None
+    src: Path,
+    scheme: SchemeConfig,
+    settings: dict[str, Any],
+    out: Path,
+    imatrix: Path | None = None,
+    calib_text: Path | None = None,
 ) -> Artifact:
     backend = get_backend(scheme.backend)
-    request = QuantizeRequest(src=src, scheme=scheme, settings=settings, out=out, imatrix=imatrix)
+    request = QuantizeRequest(src, scheme, settings, out, imatrix=imatrix, calib_text=calib_text)
     artifact = backend.quantize(request)
     log.info("quantized %s: %s", scheme.variant, artifact.meta.get("applied", {}).get("tensor_types"))
     return artifact
