@@ -1,0 +1,346 @@
+"""numba kernels for the packed formats of bitsweep.kernels.formats: same names, same results.
+
+One compiled kernel per operation serves every format (a branch per group, always taken the same way). Rows are
+split across threads with ``prange`` in tasks of ``ROWS_PER_TASK`` rows.
+
+- GEMV (one token, int8 activations) fuses decoding into the dot product: one 32-byte load of codes gives
+  ``8 / bits`` planes of 32 consecutive codes, each multiplied with a 32-wide slice of the activations.
+- GEMM decodes each group once into an int16 buffer and reuses it for every token of the batch: the weights are
+  read and decoded once per batch, not once per token, which is where packed weights beat fp32 sgemm.
+- The fp32-activation path (for comparison) decodes to float32 and is compiled with ``fastmath`` so that the
+  float reduction vectorises; it is close to, not bit-identical with, the reference.
+
+On the int8 path the per-group integer sums are exact and the groups are combined in the reference's order
+without fastmath, so outputs are bit-identical to bitsweep.kernels.formats.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from bitsweep.kernels.formats import (
+    FMT_BINARY,
+    FMT_INT2,
+    FMT_INT3,
+    FMT_INT4,
+    FMT_TQ1,
+    FMT_TQ2,
+    Activations,
+    PackedMatrix,
+    prepare_activations,
+)
+
+ROWS_PER_TASK = 16  # rows a thread handles with one decode buffer (allocating per row would cost more)
+
+# Integer arithmetic below is written as ``np.int32(np.int16(code) * xq)``: numba types every integer product as
+# int64, and the explicit narrowing lets LLVM see int16 x int16 -> int32 multiply-adds (vpmaddwd) and keep four
+# times as many lanes per vector as int64 would. Sums of one group stay far below 2**31.
+
+
+@njit(inline="always")
+def _i16(v):
+    return np.int16(v)
+
+
+@njit(inline="always")
+def _decode2(row, o, nbytes, buf):
+    """2-bit planes: byte m of a 32-byte chunk holds elements 32*t + m (t = 0..3) in bits 2t, 2t+1."""
+    for ch in range(nbytes // 32):
+        b = ch * 128
+        for m in range(32):
+            q = _i16(row[o + ch * 32 + m])
+            buf[b + m] = _i16(q & 3)
+            buf[b + 32 + m] = _i16((q >> 2) & 3)
+            buf[b + 64 + m] = _i16((q >> 4) & 3)
+            buf[b + 96 + m] = _i16(q >> 6)
+
+
+@njit(inline="always")
+def _decode1(row, o, nbytes, buf, shift):
+    """1-bit planes: byte m of a 32-byte chunk holds elements 32*t + m (t = 0..7) in bit t; ORed in at shift."""
+    for ch in range(nbytes // 32):
+        b = ch * 256
+        for m in range(32):
+            q = _i16(row[o + ch * 32 + m])
+            for t in range(8):
+                buf[b + 32 * t + m] |= ((q >> t) & 1) << shift
+
+
+@njit(inline="always")
+def _decode4(row, o, nbytes, buf):
+    for ch in range(nbytes // 32):
+        b = ch * 64
+        for m in range(32):
+            q = _i16(row[o + ch * 32 + m])
+            buf[b + m] = _i16(q & 15)
+            buf[b + 32 + m] = _i16(q >> 4)
+
+
+@njit(inline="always")
+def _trit(q, p):
+    """Digit of a TQ1_0 byte: ((q * 3^i mod 256) * 3) >> 8, with p = 3^i (see formats._tq1_digits)."""
+    return _i16((_i16(np.uint8(q * p)) * 3) >> 8)
+
+
+@njit(inline="always")
+def _decode_tq1(row, o, buf):
+    for m in range(32):
+        q = np.uint8(row[o + m])
+        buf[m] = _trit(q, 1)
+        buf[32 + m] = _trit(q, 3)
+        buf[64 + m] = _trit(q, 9)
+        buf[96 + m] = _trit(q, 27)
+        buf[128 + m] = _trit(q, 81)
+    for m in range(16):
+        q = np.uint8(row[o + 32 + m])
+        buf[160 + m] = _trit(q, 1)
+        buf[176 + m] = _trit(q, 3)
+        buf[192 + m] = _trit(q, 9)
+        buf[208 + m] = _trit(q, 27)
+        buf[224 + m] = _trit(q, 81)
+    for m in range(4):
+        q = np.uint8(row[o + 48 + m])
+        buf[240 + m] = _trit(q, 1)
+        buf[244 + m] = _trit(q, 3)
+        buf[248 + m] = _trit(q, 9)
+        buf[252 + m] = _trit(q, 27)
+
+
+@njit(inline="always")
+def _bytes_per_group(fmt, group):
+    if fmt == FMT_TQ1:
+        return 52
+    if fmt == FMT_BINARY:
+        return group // 8
+    if fmt == FMT_INT4:
+        return group // 2
+    if fmt == FMT_INT3:
+        return group // 4 + group // 8
+    return group // 4
+
+
+@njit(inline="always")
+def _decode_group(fmt, row, o, group, buf):
+    """Codes of one group into ``buf[:group]`` (int16); slices as in _dot_group."""
+    row = row[o : o + _bytes_per_group(fmt, group)]
+    o = 0
+    if fmt == FMT_TQ2 or fmt == FMT_INT2:  # noqa: SIM109  (kept scalar for numba)
+        _decode2(row, o, group // 4, buf)
+    elif fmt == FMT_TQ1:
+        _decode_tq1(row, o, buf)
+    elif fmt == FMT_INT4:
+        _decode4(row, o, group // 2, buf)
+    elif fmt == FMT_BINARY:
+        buf[:group] = 0
+        _decode1(row, o, group // 8, buf, 0)
+    elif fmt == FMT_INT3:
+        _decode2(row, o, group // 4, buf)
+        _decode1(row, o + group // 4, group // 8, buf, 2)
+
+
+@njit(inline="always")
+def _dot2(row, o, nbytes, xq, k0):
+    """Fused 2-bit decode and dot (GEMV): four planes of one 32-byte load against four 32-wide slices of x."""
+    s = np.int32(0)
+    for ch in range(nbytes // 32):
+        k = k0 + ch * 128
+        for m in range(32):
+            q = _i16(row[o + ch * 32 + m])
+            p = (
+                np.int32(_i16(q & 3) * xq[k + m])
+                + np.int32(_i16((q >> 2) & 3) * xq[k + 32 + m])
+                + np.int32(_i16((q >> 4) & 3) * xq[k + 64 + m])
+                + np.int32(_i16(q >> 6) * xq[k + 96 + m])
+            )
+            s = np.int32(s + p)
+    return s
+
+
+@njit(inline="always")
+def _dot1(row, o, nbytes, xq, k0):
+    s = np.int32(0)
+    for ch in range(nbytes // 32):
+        k = k0 + ch * 256
+        for m in range(32):
+            q = _i16(row[o + ch * 32 + m])
+            p = (
+                np.int32(_i16(q & 1) * xq[k + m])
+                + np.int32(_i16((q >> 1) & 1) * xq[k + 32 + m])
+                + np.int32(_i16((q >> 2) & 1) * xq[k + 64 + m])
+                + np.int32(_i16((q >> 3) & 1) * xq[k + 96 + m])
+                + np.int32(_i16((q >> 4) & 1) * xq[k + 128 + m])
+                + np.int32(_i16((q >> 5) & 1) * xq[k + 160 + m])
+                + np.int32(_i16((q >> 6) & 1) * xq[k + 192 + m])
+                + np.int32(_i16(q >> 7) * xq[k + 224 + m])
+            )
+            s = np.int32(s + p)
+    return s
+
+
+@njit(inline="always")
+def _dot4(row, o, nbytes, xq, k0):
+    s = np.int32(0)
+    for ch in range(nbytes // 32):
+        k = k0 + ch * 64
+        for m in range(32):
+            q = _i16(row[o + ch * 32 + m])
+            s = np.int32(s + np.int32(_i16(q & 15) * xq[k + m]) + np.int32(_i16(q >> 4) * xq[k + 32 + m]))
+    return s
+
+
+@njit(inline="always")
+def _dot_buf(buf, n, x, k0):
+    s = np.int32(0)
+    for j in range(n):
+        s = np.int32(s + np.int32(buf[j] * x[k0 + j]))
+    return s
+
+
+@njit(inline="always")
+def _dot_group(fmt, row, o, group, xq, k0, buf):
+    """sum_j q_j * xq_j over one group, exact in int32.
+
+    The group's bytes and activations are passed on as slices so that every index inside is a non-negative
+    constant plus loop counters: with a runtime offset LLVM cannot rule out numba's negative-index wraparound and
+    gives up vectorising (measured 20x slower).
+    """
+    row = row[o : o + _bytes_per_group(fmt, group)]
+    xq = xq[k0 : k0 + group]
+    o = 0
+    k0 = 0
+    if fmt == FMT_TQ2 or fmt == FMT_INT2:  # noqa: SIM109  (kept scalar for numba)
+        return _dot2(row, o, group // 4, xq, k0)
+    if fmt == FMT_BINARY:
+        return _dot1(row, o, group // 8, xq, k0)
+    if fmt == FMT_INT4:
+        return _dot4(row, o, group // 2, xq, k0)
+    if fmt == FMT_INT3:  # q = low + 4 * high
+        return np.int32(
+            _dot2(row, o, group // 4, xq, k0) + 4 * _dot1(row, o + group // 4, group // 8, xq, k0)
+        )
+    _decode_tq1(row, o, buf)
+    return _dot_buf(buf, group, xq, k0)
+
+
+@njit(parallel=True, cache=True)
+def _gemv_int(fmt, qs, a, c, group, bytes_per_group, xq, xsum, xscale, out):
+    n_rows, n_groups = a.shape
+    n_tasks = (n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for task in prange(n_tasks):
+        buf = np.zeros(group, np.int16)
+        for i in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
+            row = qs[i]
+            acc = np.float32(0)
+            for g in range(n_groups):
+                s = _dot_group(fmt, row, g * bytes_per_group, group, xq, g * group, buf)
+                acc += a[i, g] * np.float32(s) + c[i, g] * np.float32(xsum[g])
+            out[i] = acc * xscale
+
+
+@njit(parallel=True, cache=True)
+def _gemm_int(fmt, qs, a, c, group, bytes_per_group, xq, xsum, xscale, out):
+    n_rows, n_groups = a.shape
+    n_tok = xq.shape[0]
+    n_tasks = (n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for task in prange(n_tasks):
+        buf = np.zeros(group, np.int16)
+        acc = np.zeros(n_tok, np.float32)
+        for i in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
+            row = qs[i]
+            acc[:] = 0
+            for g in range(n_groups):
+                _decode_group(fmt, row, g * bytes_per_group, group, buf)
+                ag, cg, k0 = a[i, g], c[i, g], g * group
+                for t in range(n_tok):
+                    s = _dot_buf(buf, group, xq[t, k0 : k0 + group], 0)
+                    acc[t] += ag * np.float32(s) + cg * np.float32(xsum[t, g])
+            for t in range(n_tok):
+                out[t, i] = acc[t] * xscale[t]
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def _gemm_f32(fmt, qs, a, c, group, bytes_per_group, x, xsum, out):
+    n_rows, n_groups = a.shape
+    n_tok = x.shape[0]
+    n_tasks = (n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for task in prange(n_tasks):
+        codes = np.zeros(group, np.int16)
+        buf = np.zeros(group, np.float32)
+        acc = np.zeros(n_tok, np.float32)
+        for i in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
+            acc[:] = 0
+            for g in range(n_groups):
+                _decode_group(fmt, qs[i], g * bytes_per_group, group, codes)
+                for j in range(group):
+                    buf[j] = np.float32(codes[j])
+                k0 = g * group
+                for t in range(n_tok):
+                    xg = x[t, k0 : k0 + group]
+                    s = np.float32(0)
+                    for j in range(group):
+                        s += buf[j] * xg[j]
+                    acc[t] += a[i, g] * s + c[i, g] * xsum[t, g]
+            for t in range(n_tok):
+                out[t, i] = acc[t]
+
+
+@njit(parallel=True, cache=True)
+def _dequantize(fmt, qs, a, c, group, bytes_per_group, out):
+    n_rows, n_groups = a.shape
+    for i in prange(n_rows):
+        buf = np.zeros(group, np.int16)
+        for g in range(n_groups):
+            _decode_group(fmt, qs[i], g * bytes_per_group, group, buf)
+            for j in range(group):
+                out[i, g * group + j] = a[i, g] * np.float32(buf[j]) + c[i, g]
+
+
+@njit(parallel=True, cache=True)
+def gemv_int8_unpacked(w, w_scale, xq, x_scale):
+    """Baseline: int8 weights ``(n_rows, k)`` (one scale per row) times int8 activations held as int16."""
+    n_rows, k = w.shape
+    out = np.empty(n_rows, np.float32)
+    for i in prange(n_rows):
+        s = np.int32(0)
+        for j in range(k):
+            s += np.int32(w[i, j]) * np.int32(xq[j])
+        out[i] = np.float32(s) * w_scale[i] * x_scale
+    return out
+
+
+def _scalars(pm: PackedMatrix) -> tuple[np.ndarray, np.ndarray]:
+    cached = pm.meta.get("_kernel_scalars")
+    if cached is None:
+        cached = pm.meta["_kernel_scalars"] = pm.kernel_scalars()
+    return cached
+
+
+def gemm_prepared(pm: PackedMatrix, acts: Activations) -> np.ndarray:
+    """``x @ W.T`` for activations already prepared with :func:`prepare_activations`."""
+    a, c = _scalars(pm)
+    out = np.empty((acts.x.shape[0], pm.n_rows), np.float32)
+    bpg = pm.fmt.bytes_per_group(pm.group)
+    if acts.integer and acts.x.shape[0] == 1:
+        _gemv_int(pm.fmt.fmt_id, pm.qs, a, c, pm.group, bpg, acts.x[0], acts.xsum[0], acts.scale[0], out[0])
+    elif acts.integer:
+        _gemm_int(pm.fmt.fmt_id, pm.qs, a, c, pm.group, bpg, acts.x, acts.xsum, acts.scale, out)
+    else:
+        _gemm_f32(pm.fmt.fmt_id, pm.qs, a, c, pm.group, bpg, acts.x, acts.xsum, out)
+    return out
+
+
+def gemm(pm: PackedMatrix, x: np.ndarray, act: str = "int8") -> np.ndarray:
+    """Same contract as bitsweep.kernels.formats.gemm."""
+    return gemm_prepared(pm, prepare_activations(x, pm.k_padded, pm.group, act))
+
+
+def gemv(pm: PackedMatrix, x: np.ndarray, act: str = "int8") -> np.ndarray:
+    return gemm(pm, np.asarray(x)[None], act)[0]
+
+
+def dequantize(pm: PackedMatrix) -> np.ndarray:
+    a, c = _scalars(pm)
+    out = np.empty((pm.n_rows, pm.k_padded), np.float32)
+    _dequantize(pm.fmt.fmt_id, pm.qs, a, c, pm.group, pm.fmt.bytes_per_group(pm.group), out)
+    return out[:, : pm.k]

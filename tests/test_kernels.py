@@ -1,0 +1,130 @@
+"""Packed low-bit formats: the NumPy reference against llama.cpp's gguf-py, and the numba kernels against the
+reference (bit-exact on the int8 path)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bitsweep.errors import ConfigError
+from bitsweep.kernels import FORMATS
+from bitsweep.kernels import formats as ref
+from bitsweep.kernels.formats import PackedMatrix
+
+gguf_quants = pytest.importorskip("gguf.quants")
+from gguf import GGMLQuantizationType  # noqa: E402
+
+fast = pytest.importorskip("bitsweep.kernels.fast")
+
+GGUF_TYPES = {"tq2_0": GGMLQuantizationType.TQ2_0, "tq1_0": GGMLQuantizationType.TQ1_0}
+
+
+def weights(rows: int, k: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((rows, k)).astype(np.float32) * 0.05
+    w[1, : min(k, 256)] = 0  # an all-zero block
+    w[2] = 0  # an all-zero row
+    w[3, 5] = 1.0  # an outlier
+    return w
+
+
+@pytest.mark.parametrize("name", GGUF_TYPES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ternary_packing_is_bit_exact_with_gguf(name, seed):
+    w = weights(8, 768, seed)
+    ours = ref.quantize(w, name, scale="absmax")
+    theirs = gguf_quants.quantize(w, GGUF_TYPES[name])
+    np.testing.assert_array_equal(ours.to_gguf_bytes(), theirs)
+    # Their dequantizer reads our bytes exactly as ours (and the numba kernel) does.
+    expected = gguf_quants.dequantize(ours.to_gguf_bytes(), GGUF_TYPES[name])
+    np.testing.assert_array_equal(ref.dequantize(ours), expected)
+    np.testing.assert_array_equal(fast.dequantize(ours), expected)
+    back = PackedMatrix.from_gguf_bytes(name, theirs, 768)
+    np.testing.assert_array_equal(back.qs, ours.qs)
+    np.testing.assert_array_equal(back.d, ours.d)
+
+
+@pytest.mark.parametrize("name", GGUF_TYPES)
+def test_bitnet_absmean_gives_ternary_weights_and_gguf_reads_them(name):
+    w = weights(6, 512)
+    pm = ref.quantize(w, name, scale="absmean")
+    scale = np.float16(np.abs(w).mean()).astype(np.float32)
+    dq = ref.dequantize(pm)
+    assert set(np.unique(dq)) <= {-scale, 0.0, scale}
+    codes = np.clip(ref.round_half_away(w / np.abs(w).mean()), -1, 1)
+    np.testing.assert_array_equal(dq, codes * scale)
+    np.testing.assert_array_equal(gguf_quants.dequantize(pm.to_gguf_bytes(), GGUF_TYPES[name]), dq)
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+@pytest.mark.parametrize("k", [512, 700])  # 700: padded up to whole groups
+def test_numba_kernels_match_reference(name, k):
+    w = weights(37, k)
+    x = np.random.default_rng(5).standard_normal((5, k)).astype(np.float32)
+    pm = ref.quantize(w, name)
+    np.testing.assert_array_equal(fast.dequantize(pm), ref.dequantize(pm))
+    # int8 activations: integer group sums, combined in the same float order -> identical bits.
+    np.testing.assert_array_equal(fast.gemm(pm, x), ref.gemm(pm, x))
+    np.testing.assert_array_equal(fast.gemv(pm, x[0]), ref.gemv(pm, x[0]))
+    # fp32 activations: the numba reduction is reordered (fastmath), so only close.
+    np.testing.assert_allclose(fast.gemm(pm, x, "fp32"), ref.gemm(pm, x, "fp32"), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_matvec_is_the_product_with_the_dequantized_matrix(name):
+    w = weights(64, 1024)
+    x = np.random.default_rng(7).standard_normal((3, 1024)).astype(np.float32)
+    pm = ref.quantize(w, name)
+    exact = x @ ref.dequantize(pm).T
+    np.testing.assert_allclose(fast.gemm(pm, x, "fp32"), exact, rtol=1e-4, atol=1e-4)
+    # int8 activations: per-token absmax quantization costs about 1% of the output scale.
+    err = np.abs(fast.gemm(pm, x) - exact).max() / np.abs(exact).max()
+    assert 0 < err < 0.03
+
+
+def test_integer_group_dots_are_exact():
+    pm = ref.quantize(weights(4, 512), "int3", group=256)
+    acts = ref.prepare_activations(np.random.default_rng(2).standard_normal(512), 512, 256)
+    codes = ref.unpack_codes(pm).astype(np.int64)
+    brute = (codes * acts.x[0].astype(np.int64).reshape(1, 2, 256)).sum(-1)
+    np.testing.assert_array_equal(ref.group_dots(pm, acts)[0], brute)
+    assert ref.group_dots(pm, acts).dtype == np.int64
+
+
+def test_affine_formats_round_to_nearest_level():
+    w = weights(16, 512)
+    for name, bits in [("int2", 2), ("int3", 3), ("int4", 4)]:
+        pm = ref.quantize(w, name)
+        codes = ref.unpack_codes(pm)
+        assert codes.max() <= 2**bits - 1
+        d = pm.d.astype(np.float32)[..., None]
+        err = np.abs(ref.dequantize(pm) - w).reshape(16, -1, pm.group)
+        assert (err <= d / 2 + 1e-3 * np.abs(w).max()).all()
+    assert ref.quantize(w, "int4").fmt.bpw(128) == 4.25
+
+
+def test_binary_is_sign_times_group_mean():
+    w = weights(4, 512)
+    pm = ref.quantize(w, "binary")
+    dq = ref.dequantize(pm).reshape(4, 2, 256)
+    mean_abs = np.abs(w).reshape(4, 2, 256).mean(-1, keepdims=True).astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(dq, np.where(w.reshape(4, 2, 256) >= 0, mean_abs, -mean_abs))
+
+
+def test_bits_per_weight():
+    assert FORMATS["tq2_0"].bpw(256) == 2.0625
+    assert FORMATS["tq1_0"].bpw(256) == 1.6875
+    assert ref.quantize(weights(4, 256), "tq1_0").qs.shape == (4, 52)
+
+
+def test_bad_input_names_what_is_known():
+    with pytest.raises(ConfigError, match="known: binary, int2, int3, int4, tq1_0, tq2_0"):
+        ref.quantize(weights(4, 256), "int5")
+    with pytest.raises(ConfigError, match="multiple of 64"):
+        ref.quantize(weights(4, 256), "int4", group=96)
+    with pytest.raises(ConfigError, match="fixed group of 256"):
+        ref.quantize(weights(4, 256), "tq2_0", group=128)
+    with pytest.raises(ConfigError, match="multiple of 256 wide"):
+        ref.quantize(weights(4, 300), "tq2_0").to_gguf_bytes()
+    with pytest.raises(ConfigError, match="known: fp32, int8"):
+        fast.gemv(ref.quantize(weights(4, 256), "tq2_0"), np.ones(256), act="int4")
