@@ -92,7 +92,7 @@ def bench_cell(n_rows, k, batch, threads, weights, args, llc, bandwidth):
     xq = prepare_activations(x, k, k)  # one group over the whole row: the unpacked kernel's activations
     if batch == 1:
         cands["int8_unpacked"] = (
-            lambda i: fast.gemv_int8_unpacked(int8w[i % len(int8w)], int8s, xq.x[0], xq.scale[0]),
+            lambda i: fast.gemv_int8_unpacked(int8w[i % len(int8w)], int8s, xq.x[0], xq.scale[0, 0]),
             int8w[0].nbytes,
         )
     for name in args.formats:

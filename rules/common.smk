@@ -78,6 +78,8 @@ def converted_model(backend):
         return f"{OUT}/converted/{MODEL}/gguf/model-{outtype}.gguf"
     if fmt == "openvino":
         return f"{OUT}/converted/{MODEL}/openvino"
+    if fmt == "hf":  # the downloaded HF folder itself (bitnet packs its safetensors directly)
+        return f"data/models/{MODEL}"
     raise WorkflowError(f"no conversion rule for format {fmt!r} (backend {backend!r})")
 
 

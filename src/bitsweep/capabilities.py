@@ -113,6 +113,11 @@ class BackendInfo:
             )
 
 
+# bitsweep's own packed formats (bitsweep.kernels.formats) and their bit class: the ternary layouts sit where
+# llama.cpp puts TQ2_0 (2) and TQ1_0 (1).
+BITNET_FORMATS: dict[str, int] = {"TQ2_0": 2, "TQ1_0": 1, "BINARY": 1, "INT2": 2, "INT3": 3, "INT4": 4}
+
+
 BACKENDS: dict[str, BackendInfo] = {
     "llamacpp": BackendInfo(
         name="llamacpp",
@@ -144,6 +149,14 @@ BACKENDS: dict[str, BackendInfo] = {
                 "subset_size",
             }
         ),
+    ),
+    "bitnet": BackendInfo(
+        name="bitnet",
+        module="bitsweep.backends.bitnet:BitnetBackend",
+        source_format="hf",
+        type_key="format",
+        type_bits=BITNET_FORMATS,
+        options=frozenset({"format", "scale", "group_size", "layers", "act", "keep_dtype"}),
     ),
 }
 

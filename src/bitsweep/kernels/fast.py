@@ -234,8 +234,8 @@ def _gemv_int(fmt, qs, a, c, group, bytes_per_group, xq, xsum, xscale, out):
             acc = np.float32(0)
             for g in range(n_groups):
                 s = _dot_group(fmt, row, g * bytes_per_group, group, xq, g * group, buf)
-                acc += a[i, g] * np.float32(s) + c[i, g] * np.float32(xsum[g])
-            out[i] = acc * xscale
+                acc += (a[i, g] * np.float32(s) + c[i, g] * np.float32(xsum[g])) * xscale[g]
+            out[i] = acc
 
 
 @njit(parallel=True, cache=True)
@@ -254,9 +254,9 @@ def _gemm_int(fmt, qs, a, c, group, bytes_per_group, xq, xsum, xscale, out):
                 ag, cg, k0 = a[i, g], c[i, g], g * group
                 for t in range(n_tok):
                     s = _dot_buf(buf, group, xq[t, k0 : k0 + group], 0)
-                    acc[t] += ag * np.float32(s) + cg * np.float32(xsum[t, g])
+                    acc[t] += (ag * np.float32(s) + cg * np.float32(xsum[t, g])) * xscale[t, g]
             for t in range(n_tok):
-                out[t, i] = acc[t] * xscale[t]
+                out[t, i] = acc[t]
 
 
 @njit(parallel=True, cache=True, fastmath=True)
@@ -344,3 +344,37 @@ def dequantize(pm: PackedMatrix) -> np.ndarray:
     out = np.empty((pm.n_rows, pm.k_padded), np.float32)
     _dequantize(pm.fmt.fmt_id, pm.qs, a, c, pm.group, pm.fmt.bytes_per_group(pm.group), out)
     return out[:, : pm.k]
+
+
+@njit(cache=True)
+def _quantize_activations(x, k_padded, group, xq, xsum, scale):
+    """Per-token absmax int8 (held as int16) and per-group sums; the same float ops as the reference."""
+    n_tok, k = x.shape
+    for t in range(n_tok):
+        absmax = np.float32(0)
+        for j in range(k):
+            absmax = max(absmax, abs(x[t, j]))
+        inv = np.float32(127) / absmax if absmax > 0 else np.float32(0)
+        scale[t, :] = absmax / np.float32(127)
+        for j in range(k):
+            xq[t, j] = np.int16(min(max(np.rint(x[t, j] * inv), -127), 127))
+        for j in range(k, k_padded):
+            xq[t, j] = 0
+        for g in range(k_padded // group):
+            s = np.int32(0)
+            for j in range(g * group, (g + 1) * group):
+                s += np.int32(xq[t, j])
+            xsum[t, g] = s
+
+
+def prepare_activations_fast(x: np.ndarray, k_padded: int, group: int, act: str = "int8") -> Activations:
+    """bitsweep.kernels.formats.prepare_activations, the per-token int8 mode in one compiled pass."""
+    if act != "int8":
+        return prepare_activations(x, k_padded, group, act)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n_tok = x.shape[0]
+    xq = np.empty((n_tok, k_padded), np.int16)
+    xsum = np.empty((n_tok, k_padded // group), np.int32)
+    scale = np.empty((n_tok, k_padded // group), np.float32)
+    _quantize_activations(x, k_padded, group, xq, xsum, scale)
+    return Activations(xq, xsum, scale, integer=True)

@@ -52,6 +52,9 @@ TQ1_QS = 48  # TQ1_0: 240 weights at five per byte
 TQ1_QH = 4  # TQ1_0: the last 16 weights at four per byte
 TQ1_POW3 = np.array([1, 3, 9, 27, 81], dtype=np.uint8)
 
+# llama.cpp's GGML type of each format that has one.
+GGUF_TYPE_NAMES = {"tq2_0": "TQ2_0", "tq1_0": "TQ1_0"}
+
 # Format ids as the numba kernels see them (one compiled kernel, a branch per group).
 FMT_TQ2, FMT_TQ1, FMT_BINARY, FMT_INT2, FMT_INT3, FMT_INT4 = range(6)
 
@@ -323,9 +326,15 @@ def dequantize(pm: PackedMatrix) -> np.ndarray:
 class Activations:
     """A batch of activations ``(n_tokens, k)`` ready for the kernels.
 
-    int8 path (BitNet's per-token absmax): ``xq = rint(x * 127 / max|x|)`` held as int16 (the kernels multiply
-    int16 x int16 into int32, which LLVM turns into vpmaddwd), ``xsum`` per group (int32), ``scale`` =
-    max|x| / 127 per token. fp32 path: ``x`` padded, ``xsum`` float32, ``scale`` = 1.
+    ``x``: the activations, zero-padded to whole groups: int8 values held as int16 on the integer paths (the
+    kernels multiply int16 x int16 into int32, which LLVM turns into vpmaddwd), float32 on the fp32 path.
+    ``xsum``: their sum per group (int32 / float32). ``scale``: float32 ``(n_tokens, n_groups)``, the factor
+    that turns a group's integer sums back into activation units (1 on the fp32 path).
+
+    Integer modes: ``int8`` is BitNet's per-token absmax (``rint(x * 127 / max|x|)``, one scale per token);
+    ``int8_block`` is llama.cpp's Q8_K rule per group (``iscale = -127 / x_maxabs`` with the sign of that
+    element, ``q = rint(iscale * x)`` capped at 127, scale ``1 / iscale``), what llama.cpp does to activations
+    before its TQ dot products.
     """
 
     x: np.ndarray
@@ -334,25 +343,39 @@ class Activations:
     integer: bool
 
 
+ACT_MODES = ("int8", "int8_block", "fp32")
+
+
 def prepare_activations(x: np.ndarray, k_padded: int, group: int, act: str = "int8") -> Activations:
     x = np.asarray(x, dtype=np.float32)
     if x.ndim == 1:
         x = x[None]
     n_tokens, k = x.shape
+    n_groups = k_padded // group
+    if act not in ACT_MODES:
+        raise unknown("activation precision", act, ACT_MODES)
+    xp = np.zeros((n_tokens, k_padded), np.float32)
+    xp[:, :k] = x
     if act == "fp32":
-        xp = np.zeros((n_tokens, k_padded), np.float32)
-        xp[:, :k] = x
-        xsum = xp.reshape(n_tokens, -1, group).sum(-1, dtype=np.float32)
-        return Activations(xp, xsum, np.ones(n_tokens, np.float32), integer=False)
-    if act != "int8":
-        raise unknown("activation precision", act, ["int8", "fp32"])
-    absmax = np.abs(x).max(axis=1)
-    scale = (absmax / np.float32(127)).astype(np.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        inv = np.where(absmax > 0, np.float32(127) / absmax, np.float32(0)).astype(np.float32)
-    xq = np.zeros((n_tokens, k_padded), np.int16)
-    xq[:, :k] = np.clip(np.rint(x * inv[:, None]), -127, 127)
-    xsum = xq.reshape(n_tokens, -1, group).sum(-1, dtype=np.int32)
+        xsum = xp.reshape(n_tokens, n_groups, group).sum(-1, dtype=np.float32)
+        return Activations(xp, xsum, np.ones((n_tokens, n_groups), np.float32), integer=False)
+    if act == "int8":
+        absmax = np.abs(x).max(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            inv = np.where(absmax > 0, np.float32(127) / absmax, np.float32(0)).astype(np.float32)
+        xq = np.clip(np.rint(xp * inv[:, None]), -127, 127).astype(np.int16)
+        scale = np.repeat((absmax / np.float32(127)).astype(np.float32)[:, None], n_groups, axis=1)
+    else:
+        g = xp.reshape(n_tokens, n_groups, group)
+        idx = np.abs(g).argmax(axis=-1)[..., None]
+        signed_max = np.take_along_axis(g, idx, axis=-1)  # the first element of largest |x|, as ggml picks
+        with np.errstate(divide="ignore", invalid="ignore"):
+            iscale = np.where(signed_max != 0, np.float32(-127) / signed_max, np.float32(0)).astype(
+                np.float32
+            )
+            scale = np.where(iscale != 0, np.float32(1) / iscale, np.float32(0)).astype(np.float32)[..., 0]
+        xq = np.minimum(np.rint(g * iscale), 127).astype(np.int16).reshape(n_tokens, k_padded)
+    xsum = xq.reshape(n_tokens, n_groups, group).sum(-1, dtype=np.int32)
     return Activations(xq, xsum, scale, integer=True)
 
 
@@ -367,7 +390,7 @@ def group_dots(pm: PackedMatrix, acts: Activations) -> np.ndarray:
 def gemm(pm: PackedMatrix, x: np.ndarray, act: str = "int8") -> np.ndarray:
     """``x @ W.T`` for ``x`` of shape ``(n_tokens, k)`` (or ``(k,)``): float32 ``(n_tokens, n_rows)``.
 
-    On the int8 path the groups are combined one after another in float32, in the order the numba kernel
+    On the integer paths the groups are combined one after another in float32, in the order the numba kernel
     uses, so both give bit-identical results.
     """
     acts = prepare_activations(x, pm.k_padded, pm.group, act)
@@ -375,8 +398,9 @@ def gemm(pm: PackedMatrix, x: np.ndarray, act: str = "int8") -> np.ndarray:
     a, c = pm.kernel_scalars()
     out = np.zeros((acts.x.shape[0], pm.n_rows), np.float32)
     for g in range(a.shape[1]):
-        out = out + (a[:, g] * dots[:, :, g] + c[:, g] * acts.xsum[:, g, None].astype(np.float32))
-    return out * acts.scale[:, None]
+        part = a[:, g] * dots[:, :, g] + c[:, g] * acts.xsum[:, g, None].astype(np.float32)
+        out = out + part * acts.scale[:, g, None]
+    return out
 
 
 def gemv(pm: PackedMatrix, x: np.ndarray, act: str = "int8") -> np.ndarray:
