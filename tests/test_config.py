@@ -48,11 +48,11 @@ def test_experiment_deltas_and_overrides_apply():
 @pytest.mark.parametrize(
     ("experiment", "overrides", "message"),
     [
-        ("nope", [], "unknown experiment 'nope'; known: default, smoke"),
-        ("default", ["model=gpt5"], "unknown model 'gpt5'; known: smollm2-135m"),
+        ("nope", [], "unknown experiment 'nope'; known: bitnet-native, default, smoke"),
+        ("default", ["model=gpt5"], "unknown model 'gpt5'; known: bitnet-b1.58-2b-4t, smollm2-135m"),
         ("default", ["eval=imagenet"], "unknown eval 'imagenet'"),
         ("default", ["sweep.llamacpp=[q4_k_m,q9_k]"], "unknown llamacpp scheme 'q9_k'; known: f16, iq1_m"),
-        ("default", ["+sweep.onnx=[int8]"], "unknown backend 'onnx'; known: llamacpp, openvino"),
+        ("default", ["+sweep.onnx=[int8]"], "unknown backend 'onnx'; known: bitnet, llamacpp, openvino"),
         ("default", ["+quant.openvino.nf4_g64.options.mode=NF5"], "unknown openvino mode 'NF5'; known: FP4"),
         (
             "default",
@@ -69,7 +69,9 @@ def test_experiment_deltas_and_overrides_apply():
         ("default", ["+quant.llamacpp.q4_0.bits=3"], "type Q4_0 is 4-bit, config says 3"),
         ("default", ["+quant.llamacpp.q4_0.options.typo=1"], "unknown options ['typo']"),
         ("default", ["tracking.uri=ftp://x"], "unknown MLflow tracking URI scheme 'ftp'"),
-        ("default", ["sweep.llamacpp=[]", "sweep.openvino=[]"], "sweeps no scheme"),
+        ("default", ["sweep.llamacpp=[]", "sweep.openvino=[]", "sweep.bitnet=[]"], "sweeps no scheme"),
+        ("default", ["+quant.bitnet.int4_g64.options.format=int5"], "unknown bitnet format 'INT5'; known: BINARY"),
+        ("default", ["+quant.bitnet.tq2_0.bits=3"], "format TQ2_0 is 2-bit, config says 3"),
     ],
 )
 def test_bad_input_fails_with_one_clear_message(experiment, overrides, message):
