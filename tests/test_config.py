@@ -70,7 +70,11 @@ def test_experiment_deltas_and_overrides_apply():
         ("default", ["+quant.llamacpp.q4_0.options.typo=1"], "unknown options ['typo']"),
         ("default", ["tracking.uri=ftp://x"], "unknown MLflow tracking URI scheme 'ftp'"),
         ("default", ["sweep.llamacpp=[]", "sweep.openvino=[]", "sweep.bitnet=[]"], "sweeps no scheme"),
-        ("default", ["+quant.bitnet.int4_g64.options.format=int5"], "unknown bitnet format 'INT5'; known: BINARY"),
+        (
+            "default",
+            ["+quant.bitnet.int4_g64.options.format=int5"],
+            "unknown bitnet format 'INT5'; known: BINARY",
+        ),
         ("default", ["+quant.bitnet.tq2_0.bits=3"], "format TQ2_0 is 2-bit, config says 3"),
     ],
 )

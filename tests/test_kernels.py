@@ -56,12 +56,19 @@ def test_bitnet_absmean_gives_ternary_weights_and_gguf_reads_them(name):
     np.testing.assert_array_equal(gguf_quants.dequantize(pm.to_gguf_bytes(), GGUF_TYPES[name]), dq)
 
 
-@pytest.mark.parametrize("name", sorted(FORMATS))
+@pytest.mark.parametrize(
+    ("name", "scale"),
+    [(name, "absmax") for name in sorted(FORMATS)] + [(n, "absmean") for n in ("tq1_0", "tq2_0", "binary")],
+)
 @pytest.mark.parametrize("k", [512, 700])  # 700: padded up to whole groups
-def test_numba_kernels_match_reference(name, k):
+def test_numba_kernels_match_reference(name, scale, k):
+    """absmean: one scale per row, so the int8 path sums whole rows (formats.uniform_row_scales)."""
     w = weights(37, k)
     x = np.random.default_rng(5).standard_normal((5, k)).astype(np.float32)
-    pm = ref.quantize(w, name)
+    pm = ref.quantize(w, name, scale=scale)
+    assert ref.uniform_row_scales(pm, ref.prepare_activations(x, pm.k_padded, pm.group)) == (
+        scale == "absmean"
+    )
     np.testing.assert_array_equal(fast.dequantize(pm), ref.dequantize(pm))
     # int8 activations: integer group sums, combined in the same float order -> identical bits.
     for act in ("int8", "int8_block"):
@@ -155,3 +162,14 @@ def test_block_activations_follow_ggml_q8_k():
     )  # the extreme maps to -127
     np.testing.assert_allclose(acts.scale[0], [2 / -127, -4 / -127], rtol=1e-6)
     np.testing.assert_allclose(acts.x[0] * np.repeat(acts.scale[0], 256), x, atol=2 / 127)
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_plane_map_covers_every_input_element_once(name):
+    fmt = FORMATS[name]
+    group = fmt.default_group
+    index = ref.plane_map(fmt, group, 4 * group)
+    assert index.shape[1] == 4 * fmt.bytes_per_group(group)
+    used = np.sort(index[index >= 0])
+    times = 2 if name == "int3" else 1  # int3: once for the low two bits, once for the high bit
+    np.testing.assert_array_equal(used, np.repeat(np.arange(4 * group), times))

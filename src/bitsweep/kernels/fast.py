@@ -28,7 +28,9 @@ from bitsweep.kernels.formats import (
     FMT_TQ2,
     Activations,
     PackedMatrix,
+    plane_map,
     prepare_activations,
+    uniform_row_scales,
 )
 
 ROWS_PER_TASK = 16  # rows a thread handles with one decode buffer (allocating per row would cost more)
@@ -139,54 +141,101 @@ def _decode_group(fmt, row, o, group, buf):
         _decode1(row, o + group // 4, group // 8, buf, 2)
 
 
+# GEMV: activations in "plane order". planes[t, b] is the activation that meets code t of weight byte b (see
+# formats.plane_map), so one row's dot product is a single pass over its bytes against a few contiguous
+# activation streams: LLVM keeps one vector accumulator per group and reduces it once (the per-32-byte-chunk
+# reduction of a natural-order loop was the bottleneck: 1.4x slower).
+
+
 @njit(inline="always")
-def _dot2(row, o, nbytes, xq, k0):
-    """Fused 2-bit decode and dot (GEMV): four planes of one 32-byte load against four 32-wide slices of x."""
+def _pdot2(q, p0, p1, p2, p3):
     s = np.int32(0)
-    for ch in range(nbytes // 32):
-        k = k0 + ch * 128
-        for m in range(32):
-            q = _i16(row[o + ch * 32 + m])
-            p = (
-                np.int32(_i16(q & 3) * xq[k + m])
-                + np.int32(_i16((q >> 2) & 3) * xq[k + 32 + m])
-                + np.int32(_i16((q >> 4) & 3) * xq[k + 64 + m])
-                + np.int32(_i16(q >> 6) * xq[k + 96 + m])
-            )
-            s = np.int32(s + p)
+    for b in range(q.shape[0]):
+        v = _i16(q[b])
+        s = np.int32(s + np.int32(_i16(v & 3) * p0[b]) + np.int32(_i16((v >> 2) & 3) * p1[b])
+                     + np.int32(_i16((v >> 4) & 3) * p2[b]) + np.int32(_i16(v >> 6) * p3[b]))  # fmt: skip
     return s
 
 
 @njit(inline="always")
-def _dot1(row, o, nbytes, xq, k0):
+def _pdot1(q, p0, p1, p2, p3, p4, p5, p6, p7):
     s = np.int32(0)
-    for ch in range(nbytes // 32):
-        k = k0 + ch * 256
-        for m in range(32):
-            q = _i16(row[o + ch * 32 + m])
-            p = (
-                np.int32(_i16(q & 1) * xq[k + m])
-                + np.int32(_i16((q >> 1) & 1) * xq[k + 32 + m])
-                + np.int32(_i16((q >> 2) & 1) * xq[k + 64 + m])
-                + np.int32(_i16((q >> 3) & 1) * xq[k + 96 + m])
-                + np.int32(_i16((q >> 4) & 1) * xq[k + 128 + m])
-                + np.int32(_i16((q >> 5) & 1) * xq[k + 160 + m])
-                + np.int32(_i16((q >> 6) & 1) * xq[k + 192 + m])
-                + np.int32(_i16(q >> 7) * xq[k + 224 + m])
-            )
-            s = np.int32(s + p)
+    for b in range(q.shape[0]):
+        v = _i16(q[b])
+        s = np.int32(s + np.int32(_i16(v & 1) * p0[b]) + np.int32(_i16((v >> 1) & 1) * p1[b])
+                     + np.int32(_i16((v >> 2) & 1) * p2[b]) + np.int32(_i16((v >> 3) & 1) * p3[b])
+                     + np.int32(_i16((v >> 4) & 1) * p4[b]) + np.int32(_i16((v >> 5) & 1) * p5[b])
+                     + np.int32(_i16((v >> 6) & 1) * p6[b]) + np.int32(_i16(v >> 7) * p7[b]))  # fmt: skip
     return s
 
 
 @njit(inline="always")
-def _dot4(row, o, nbytes, xq, k0):
+def _pdot4(q, p0, p1):
     s = np.int32(0)
-    for ch in range(nbytes // 32):
-        k = k0 + ch * 64
-        for m in range(32):
-            q = _i16(row[o + ch * 32 + m])
-            s = np.int32(s + np.int32(_i16(q & 15) * xq[k + m]) + np.int32(_i16(q >> 4) * xq[k + 32 + m]))
+    for b in range(q.shape[0]):
+        v = _i16(q[b])
+        s = np.int32(s + np.int32(_i16(v & 15) * p0[b]) + np.int32(_i16(v >> 4) * p1[b]))
     return s
+
+
+@njit(inline="always")
+def _pdot_tq1(q, p0, p1, p2, p3, p4):
+    s = np.int32(0)
+    for b in range(q.shape[0]):
+        v = np.uint8(q[b])
+        s = np.int32(s + np.int32(_trit(v, 1) * p0[b]) + np.int32(_trit(v, 3) * p1[b])
+                     + np.int32(_trit(v, 9) * p2[b]) + np.int32(_trit(v, 27) * p3[b])
+                     + np.int32(_trit(v, 81) * p4[b]))  # fmt: skip
+    return s
+
+
+@njit(inline="always")
+def _pdot_group(fmt, row, o, group, P):
+    """sum_j q_j * x_j over one group (bytes ``row[o:o+bytes]``), exact in int32.
+
+    Everything is passed on as slices so that each index inside is a loop counter: with a runtime offset LLVM
+    cannot rule out numba's negative-index wraparound and stops vectorising (measured 20x slower).
+    """
+    if fmt == FMT_TQ2 or fmt == FMT_INT2:  # noqa: SIM109  (kept scalar for numba)
+        e = o + group // 4
+        return _pdot2(row[o:e], P[0, o:e], P[1, o:e], P[2, o:e], P[3, o:e])
+    if fmt == FMT_TQ1:
+        e = o + 52
+        return _pdot_tq1(row[o:e], P[0, o:e], P[1, o:e], P[2, o:e], P[3, o:e], P[4, o:e])
+    if fmt == FMT_INT4:
+        e = o + group // 2
+        return _pdot4(row[o:e], P[0, o:e], P[1, o:e])
+    if fmt == FMT_BINARY:
+        e = o + group // 8
+        return _pdot1(row[o:e], P[0, o:e], P[1, o:e], P[2, o:e], P[3, o:e],
+                      P[4, o:e], P[5, o:e], P[6, o:e], P[7, o:e])  # fmt: skip
+    # int3: q = low + 4 * high; the low two bits as 2-bit planes, then the high bit as 1-bit planes
+    m = o + group // 4
+    e = m + group // 8
+    low = _pdot2(row[o:m], P[0, o:m], P[1, o:m], P[2, o:m], P[3, o:m])
+    high = _pdot1(
+        row[m:e], P[0, m:e], P[1, m:e], P[2, m:e], P[3, m:e], P[4, m:e], P[5, m:e], P[6, m:e], P[7, m:e]
+    )
+    return np.int32(low + 4 * high)
+
+
+@njit(parallel=True, cache=True)
+def _gemv_int_rows(fmt, qs, a, c, planes, xsum_total, xscale, out):
+    """GEMV for rows with one scale (BitNet's per-tensor absmean) and one activation scale: the whole row is a
+    single integer dot product, combined in float once (no per-group reduction)."""
+    n_rows = qs.shape[0]
+    n_tasks = (n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for task in prange(n_tasks):
+        for i in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
+            row = qs[i]
+            if fmt == FMT_TQ1:
+                s = _pdot_tq1(row, planes[0], planes[1], planes[2], planes[3], planes[4])
+            elif fmt == FMT_BINARY:
+                s = _pdot1(row, planes[0], planes[1], planes[2], planes[3],
+                           planes[4], planes[5], planes[6], planes[7])  # fmt: skip
+            else:
+                s = _pdot2(row, planes[0], planes[1], planes[2], planes[3])
+            out[i] = (a[i, 0] * np.float32(s) + c[i, 0] * np.float32(xsum_total)) * xscale
 
 
 @njit(inline="always")
@@ -197,66 +246,55 @@ def _dot_buf(buf, n, x, k0):
     return s
 
 
-@njit(inline="always")
-def _dot_group(fmt, row, o, group, xq, k0, buf):
-    """sum_j q_j * xq_j over one group, exact in int32.
-
-    The group's bytes and activations are passed on as slices so that every index inside is a non-negative
-    constant plus loop counters: with a runtime offset LLVM cannot rule out numba's negative-index wraparound and
-    gives up vectorising (measured 20x slower).
-    """
-    row = row[o : o + _bytes_per_group(fmt, group)]
-    xq = xq[k0 : k0 + group]
-    o = 0
-    k0 = 0
-    if fmt == FMT_TQ2 or fmt == FMT_INT2:  # noqa: SIM109  (kept scalar for numba)
-        return _dot2(row, o, group // 4, xq, k0)
-    if fmt == FMT_BINARY:
-        return _dot1(row, o, group // 8, xq, k0)
-    if fmt == FMT_INT4:
-        return _dot4(row, o, group // 2, xq, k0)
-    if fmt == FMT_INT3:  # q = low + 4 * high
-        return np.int32(
-            _dot2(row, o, group // 4, xq, k0) + 4 * _dot1(row, o + group // 4, group // 8, xq, k0)
-        )
-    _decode_tq1(row, o, buf)
-    return _dot_buf(buf, group, xq, k0)
-
-
 @njit(parallel=True, cache=True)
-def _gemv_int(fmt, qs, a, c, group, bytes_per_group, xq, xsum, xscale, out):
+def _gemv_int(fmt, qs, a, c, group, bytes_per_group, planes, xsum, xscale, out):
     n_rows, n_groups = a.shape
     n_tasks = (n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in prange(n_tasks):
-        buf = np.zeros(group, np.int16)
         for i in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
             row = qs[i]
             acc = np.float32(0)
             for g in range(n_groups):
-                s = _dot_group(fmt, row, g * bytes_per_group, group, xq, g * group, buf)
+                s = _pdot_group(fmt, row, g * bytes_per_group, group, planes)
                 acc += (a[i, g] * np.float32(s) + c[i, g] * np.float32(xsum[g])) * xscale[g]
             out[i] = acc
 
 
 @njit(parallel=True, cache=True)
-def _gemm_int(fmt, qs, a, c, group, bytes_per_group, xq, xsum, xscale, out):
+def _gemm_int(fmt, qs, a, c, group, bytes_per_group, xq, xsum, xscale, uniform, out):
+    """Batched: each group is decoded once into ``buf`` and dotted with every token. ``uniform``: one scale per
+    row and per token (see formats.uniform_row_scales), so integer sums run over the whole row."""
     n_rows, n_groups = a.shape
     n_tok = xq.shape[0]
+    xsum_total = np.zeros(n_tok, np.int32)
+    for t in range(n_tok):
+        for g in range(n_groups):
+            xsum_total[t] += xsum[t, g]
     n_tasks = (n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in prange(n_tasks):
         buf = np.zeros(group, np.int16)
         acc = np.zeros(n_tok, np.float32)
+        iacc = np.zeros(n_tok, np.int32)
         for i in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
             row = qs[i]
             acc[:] = 0
+            iacc[:] = 0
             for g in range(n_groups):
                 _decode_group(fmt, row, g * bytes_per_group, group, buf)
                 ag, cg, k0 = a[i, g], c[i, g], g * group
                 for t in range(n_tok):
                     s = _dot_buf(buf, group, xq[t, k0 : k0 + group], 0)
-                    acc[t] += (ag * np.float32(s) + cg * np.float32(xsum[t, g])) * xscale[t, g]
+                    if uniform:
+                        iacc[t] += s
+                    else:
+                        acc[t] += (ag * np.float32(s) + cg * np.float32(xsum[t, g])) * xscale[t, g]
             for t in range(n_tok):
-                out[t, i] = acc[t]
+                if uniform:
+                    out[t, i] = (
+                        a[i, 0] * np.float32(iacc[t]) + c[i, 0] * np.float32(xsum_total[t])
+                    ) * xscale[t, 0]
+                else:
+                    out[t, i] = acc[t]
 
 
 @njit(parallel=True, cache=True, fastmath=True)
@@ -316,15 +354,40 @@ def _scalars(pm: PackedMatrix) -> tuple[np.ndarray, np.ndarray]:
     return cached
 
 
+def activation_planes(pm: PackedMatrix, x: np.ndarray) -> np.ndarray:
+    """One token's activations ``(k_padded,)`` gathered into plane order ``(n_planes, row_bytes)``."""
+    index = pm.meta.get("_plane_index")
+    if index is None:
+        index = pm.meta["_plane_index"] = plane_map(pm.fmt, pm.group, pm.k_padded)
+    return _gather_planes(x, index)
+
+
+@njit(cache=True)
+def _gather_planes(x, index):
+    n_planes, n_bytes = index.shape
+    out = np.empty((n_planes, n_bytes), x.dtype)
+    for t in range(n_planes):
+        for b in range(n_bytes):
+            j = index[t, b]
+            out[t, b] = x[j] if j >= 0 else 0
+    return out
+
+
 def gemm_prepared(pm: PackedMatrix, acts: Activations) -> np.ndarray:
     """``x @ W.T`` for activations already prepared with :func:`prepare_activations`."""
     a, c = _scalars(pm)
     out = np.empty((acts.x.shape[0], pm.n_rows), np.float32)
     bpg = pm.fmt.bytes_per_group(pm.group)
-    if acts.integer and acts.x.shape[0] == 1:
-        _gemv_int(pm.fmt.fmt_id, pm.qs, a, c, pm.group, bpg, acts.x[0], acts.xsum[0], acts.scale[0], out[0])
+    if acts.integer and acts.x.shape[0] == 1 and uniform_row_scales(pm, acts):
+        planes = activation_planes(pm, acts.x[0])
+        xsum_total = np.int32(acts.xsum[0].sum())
+        _gemv_int_rows(pm.fmt.fmt_id, pm.qs, a, c, planes, xsum_total, acts.scale[0, 0], out[0])
+    elif acts.integer and acts.x.shape[0] == 1:
+        planes = activation_planes(pm, acts.x[0])
+        _gemv_int(pm.fmt.fmt_id, pm.qs, a, c, pm.group, bpg, planes, acts.xsum[0], acts.scale[0], out[0])
     elif acts.integer:
-        _gemm_int(pm.fmt.fmt_id, pm.qs, a, c, pm.group, bpg, acts.x, acts.xsum, acts.scale, out)
+        uniform = uniform_row_scales(pm, acts)
+        _gemm_int(pm.fmt.fmt_id, pm.qs, a, c, pm.group, bpg, acts.x, acts.xsum, acts.scale, uniform, out)
     else:
         _gemm_f32(pm.fmt.fmt_id, pm.qs, a, c, pm.group, bpg, acts.x, acts.xsum, out)
     return out

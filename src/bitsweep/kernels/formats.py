@@ -258,6 +258,45 @@ def unpack_codes(pm: PackedMatrix) -> np.ndarray:
     return low | (_unpack_planes(qs[..., group // 4 :], 1) << 2)
 
 
+def plane_map(fmt: Format, group: int, k_padded: int) -> np.ndarray:
+    """Which activation each code of each weight byte multiplies: int64 ``(n_planes, row_bytes)``, -1 for none.
+
+    ``index[t, b]`` is the input element that code ``t`` of byte ``b`` of a row belongs to (the same for every
+    row). The numba GEMV gathers a token's activations through it once, then streams each row's bytes against
+    contiguous activation planes. For int3 the group's low-bit bytes use planes 0-3 and its high-bit bytes 0-7.
+    """
+    bpg = fmt.bytes_per_group(group)
+
+    def planes(nbytes: int, bits: int, base: int) -> np.ndarray:
+        per_byte = 8 // bits
+        b = np.arange(nbytes)
+        chunk, m = b // 32, b % 32
+        out = np.full((8, nbytes), -1, np.int64)
+        for t in range(per_byte):
+            out[t] = base + chunk * 32 * per_byte + 32 * t + m
+        return out
+
+    if fmt.name == "tq1_0":
+        one = np.full((8, bpg), -1, np.int64)
+        for k in range(5):
+            one[k, :32] = 32 * k + np.arange(32)
+            one[k, 32:48] = 160 + 16 * k + np.arange(16)
+        for k in range(4):
+            one[k, 48:52] = 240 + 4 * k + np.arange(4)
+    elif fmt.name in ("tq2_0", "int2"):
+        one = planes(bpg, 2, 0)
+    elif fmt.name == "binary":
+        one = planes(bpg, 1, 0)
+    elif fmt.name == "int4":
+        one = planes(bpg, 4, 0)
+    else:  # int3
+        one = np.concatenate([planes(group // 4, 2, 0), planes(group // 8, 1, 0)], axis=1)
+    n_groups = k_padded // group
+    offsets = (np.arange(n_groups) * group).repeat(bpg)
+    index = np.tile(one, (1, n_groups))
+    return np.where(index >= 0, index + offsets, -1)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Quantize / dequantize / matvec (the reference)
 
@@ -379,6 +418,18 @@ def prepare_activations(x: np.ndarray, k_padded: int, group: int, act: str = "in
     return Activations(xq, xsum, scale, integer=True)
 
 
+def uniform_row_scales(pm: PackedMatrix, acts: Activations) -> bool:
+    """Whether a row's dot product can be one integer sum: integer activations with one scale per token, and a
+    format whose rows carry one scale (ternary/binary with a per-tensor absmean; the affine formats and int3's
+    split planes never qualify)."""
+    if not acts.integer or pm.fmt.name not in ("tq2_0", "tq1_0", "binary"):
+        return False
+    uniform = pm.meta.get("_uniform_rows")
+    if uniform is None:
+        uniform = pm.meta["_uniform_rows"] = bool((pm.d == pm.d[:, :1]).all())
+    return uniform and bool((acts.scale == acts.scale[:, :1]).all())
+
+
 def group_dots(pm: PackedMatrix, acts: Activations) -> np.ndarray:
     """``sum_j q_j x_j`` per (token, row, group): int64 on the int8 path (exact), float64 on the fp32 path."""
     codes = unpack_codes(pm)
@@ -391,11 +442,16 @@ def gemm(pm: PackedMatrix, x: np.ndarray, act: str = "int8") -> np.ndarray:
     """``x @ W.T`` for ``x`` of shape ``(n_tokens, k)`` (or ``(k,)``): float32 ``(n_tokens, n_rows)``.
 
     On the integer paths the groups are combined one after another in float32, in the order the numba kernel
-    uses, so both give bit-identical results.
+    uses, so both give bit-identical results. Where one scale covers a whole row and one activation scale a
+    whole token (BitNet: absmean per tensor, int8 per token) the row is one exact integer sum, combined once.
     """
     acts = prepare_activations(x, pm.k_padded, pm.group, act)
-    dots = group_dots(pm, acts).astype(np.float32)
     a, c = pm.kernel_scalars()
+    if uniform_row_scales(pm, acts):
+        dots = group_dots(pm, acts).sum(-1).astype(np.float32)
+        xsum = acts.xsum.sum(-1).astype(np.float32)
+        return (a[:, 0] * dots + c[:, 0] * xsum[:, None]) * acts.scale[:, :1]
+    dots = group_dots(pm, acts).astype(np.float32)
     out = np.zeros((acts.x.shape[0], pm.n_rows), np.float32)
     for g in range(a.shape[1]):
         part = a[:, g] * dots[:, :, g] + c[:, g] * acts.xsum[:, g, None].astype(np.float32)
