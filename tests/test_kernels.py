@@ -74,6 +74,7 @@ def test_numba_kernels_match_reference(name, scale, k):
     for act in ("int8", "int8_block"):
         np.testing.assert_array_equal(fast.gemm(pm, x, act), ref.gemm(pm, x, act))
         np.testing.assert_array_equal(fast.gemv(pm, x[0], act), ref.gemv(pm, x[0], act))
+    np.testing.assert_array_equal(fast.linear_token(pm, x[0]), ref.gemv(pm, x[0]))  # generation's fused call
     # fp32 activations: the numba reduction is reordered (fastmath), so only close.
     np.testing.assert_allclose(fast.gemm(pm, x, "fp32"), ref.gemm(pm, x, "fp32"), rtol=1e-5, atol=1e-5)
 

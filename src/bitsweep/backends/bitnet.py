@@ -206,9 +206,14 @@ def packed_linear_class():
             self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
 
         def forward(self, x):
-            shape = x.shape
-            flat = x.detach().reshape(-1, shape[-1]).float().contiguous().numpy()
-            pm = self.pm
+            shape, pm = x.shape, self.pm
+            if self.act == "int8" and x.numel() == shape[-1] and x.dtype == torch.float32:
+                # Generation: one token, one compiled call (Python-side overhead dominates otherwise).
+                y = torch.from_numpy(fast.linear_token(pm, x.numpy().reshape(-1))).view(
+                    *shape[:-1], pm.n_rows
+                )
+                return y if self.bias is None else y + self.bias
+            flat = x.reshape(-1, shape[-1]).float().contiguous().numpy()
             acts = fast.prepare_activations_fast(flat, pm.k_padded, pm.group, self.act)
             if flat.shape[0] < DEQUANT_BATCH:
                 y = torch.from_numpy(fast.gemm_prepared(pm, acts))

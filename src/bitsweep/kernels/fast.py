@@ -441,3 +441,38 @@ def prepare_activations_fast(x: np.ndarray, k_padded: int, group: int, act: str 
     scale = np.empty((n_tok, k_padded // group), np.float32)
     _quantize_activations(x, k_padded, group, xq, xsum, scale)
     return Activations(xq, xsum, scale, integer=True)
+
+
+@njit(cache=True)
+def _gemv_token(fmt, qs, a, c, group, bytes_per_group, index, uniform, x, out):
+    """One token, int8 per-token activations: quantize, gather planes and multiply in a single compiled call
+    (generation calls this once per Linear per token, where Python-side overhead would dominate)."""
+    k = x.shape[0]
+    n_groups = a.shape[1]
+    k_padded = n_groups * group
+    xq = np.zeros((1, k_padded), np.int16)
+    xsum = np.empty((1, n_groups), np.int32)
+    scale = np.empty((1, n_groups), np.float32)
+    _quantize_activations(x.reshape(1, k), k_padded, group, xq, xsum, scale)
+    planes = _gather_planes(xq[0], index)
+    if uniform:
+        total = np.int32(0)
+        for g in range(n_groups):
+            total += xsum[0, g]
+        _gemv_int_rows(fmt, qs, a, c, planes, total, scale[0, 0], out)
+    else:
+        _gemv_int(fmt, qs, a, c, group, bytes_per_group, planes, xsum[0], scale[0], out)
+
+
+def linear_token(pm: PackedMatrix, x: np.ndarray) -> np.ndarray:
+    """``W @ x`` for one token with per-token int8 activations; the same numbers as ``gemv(pm, x, "int8")``."""
+    plan = pm.meta.get("_token_plan")
+    if plan is None:
+        a, c = _scalars(pm)
+        index = plane_map(pm.fmt, pm.group, pm.k_padded)
+        uniform = pm.fmt.name in ("tq2_0", "tq1_0", "binary") and bool((pm.d == pm.d[:, :1]).all())
+        plan = pm.meta["_token_plan"] = (pm.fmt.fmt_id, pm.qs, a, c, pm.group, pm.fmt.bytes_per_group(pm.group),
+                                         index, uniform)  # fmt: skip
+    out = np.empty(pm.n_rows, np.float32)
+    _gemv_token(*plan, np.ascontiguousarray(x, dtype=np.float32), out)
+    return out
