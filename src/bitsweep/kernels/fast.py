@@ -86,27 +86,21 @@ def _trit(q, p):
 
 
 @njit(inline="always")
+def _decode_trits(row, o, n_bytes, n_digits, buf, base):
+    """Bytes ``row[o:o+n_bytes]`` holding ``n_digits`` trits each: digit i of byte m -> ``buf[base + n_bytes*i + m]``."""
+    p = np.uint8(1)
+    for i in range(n_digits):
+        for m in range(n_bytes):
+            buf[base + n_bytes * i + m] = _trit(np.uint8(row[o + m]), p)
+        p = np.uint8(p * 3)
+
+
+@njit(inline="always")
 def _decode_tq1(row, o, buf):
-    for m in range(32):
-        q = np.uint8(row[o + m])
-        buf[m] = _trit(q, 1)
-        buf[32 + m] = _trit(q, 3)
-        buf[64 + m] = _trit(q, 9)
-        buf[96 + m] = _trit(q, 27)
-        buf[128 + m] = _trit(q, 81)
-    for m in range(16):
-        q = np.uint8(row[o + 32 + m])
-        buf[160 + m] = _trit(q, 1)
-        buf[176 + m] = _trit(q, 3)
-        buf[192 + m] = _trit(q, 9)
-        buf[208 + m] = _trit(q, 27)
-        buf[224 + m] = _trit(q, 81)
-    for m in range(4):
-        q = np.uint8(row[o + 48 + m])
-        buf[240 + m] = _trit(q, 1)
-        buf[244 + m] = _trit(q, 3)
-        buf[248 + m] = _trit(q, 9)
-        buf[252 + m] = _trit(q, 27)
+    """TQ1_0 block: 32 bytes of 5 trits (elements 0-159), 16 of 5 (160-239), then 4 of 4 (240-255)."""
+    _decode_trits(row, o, 32, 5, buf, 0)
+    _decode_trits(row, o + 32, 16, 5, buf, 160)
+    _decode_trits(row, o + 48, 4, 4, buf, 240)
 
 
 @njit(inline="always")
