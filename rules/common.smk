@@ -132,6 +132,20 @@ def output_dir(wildcards, output):
     return os.path.dirname(output[0])
 
 
+def report_after_failure():
+    """onerror: with --keep-going the other variants finished; report them and list what failed, with why."""
+    from bitsweep.report import aggregate_results, variant_outcomes
+
+    expected = {("reference", "fp32"): [Path(f"{OUT}/evaluated/{MODEL}/reference/fp32.json")]}
+    for v in VARIANTS:
+        evaluated = Path(f"{OUT}/evaluated/{MODEL}/{v.backend}/{v.name}.json")
+        expected[v.backend, v.name] = [Path(quantized_dir(v)), evaluated]
+    results, failed = variant_outcomes(expected)
+    if results:
+        aggregate_results(results, Path(f"{OUT}/report"), failed)
+        print(f"bitsweep: {len(failed)} variant(s) failed or did not run; report of the rest: {OUT}/report/results.md")
+
+
 def variant_logs(wildcards):
     if wildcards.backend == "reference":
         return [f"logs/evaluate/{MODEL}/reference/fp32.log"]

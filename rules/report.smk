@@ -13,3 +13,7 @@ rule aggregate_results:
         out_dir=output_dir,
     shell:
         "python scripts/run_stage.py aggregate_results --results {input:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+
+
+onerror:
+    report_after_failure()

@@ -117,3 +117,21 @@ def test_missing_files_are_reported_before_any_job(tmp_path):
     (tmp_path / "e.txt").write_text("x")
     (tmp_path / "c.txt").write_text("y")
     exp.check_paths()
+
+
+@pytest.mark.parametrize(
+    ("path", "text"),
+    [
+        ("experiment/broken.yaml", "name: broken\nsweep: {llamacpp: [q8_0\n"),
+        ("quant/bitnet/int4_g64.yaml", "bits: [4\n"),
+    ],
+)
+def test_malformed_yaml_is_one_clear_error(tmp_path, path, text):
+    import shutil
+
+    shutil.copytree(CONFIGS, tmp_path / "configs")
+    (tmp_path / "configs" / path).write_text(text)
+    experiment = "broken" if path.startswith("experiment") else "smoke"
+    with pytest.raises(ConfigError) as err:
+        load_experiment(tmp_path / "configs", experiment)
+    assert path.split("/")[-1] in str(err.value) and "\n" not in str(err.value)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -78,3 +79,36 @@ def test_tracking_disabled_writes_a_marker(tmp_path, results):
     init_tracking(TrackingConfig(enabled=False), "unit", tmp_path / "sweep.json")
     log_variant(tmp_path / "sweep.json", results[0], [], {}, tmp_path / "out.json")
     assert json.loads((tmp_path / "out.json").read_text()) == {"enabled": False}
+
+
+def test_a_failed_job_leaves_a_record_that_the_report_lists(tmp_path, results):
+    """cli.run writes ``<output>.failed.json`` when a variant's stage fails and removes it when it succeeds;
+    the report keeps every finished variant and lists the failed ones with their error."""
+    from bitsweep.cli import failure_record_path, run
+    from bitsweep.errors import ConfigError
+    from bitsweep.report import variant_outcomes
+
+    def quantize(out: Path, fail: int = 0) -> None:
+        if fail:
+            raise ConfigError("no 2-D weights match layers ['x']")
+
+    out = tmp_path / "quantized" / "bitnet" / "tq2_0"
+    with pytest.raises(SystemExit):
+        run(quantize, ["--out", str(out), "--fail", "1"])
+    record = failure_record_path(out)
+    assert json.loads(record.read_text())["error"] == "ConfigError: no 2-D weights match layers ['x']"
+
+    expected = {(r.stem, r.stem): [r] for r in results}  # finished variants
+    expected["bitnet", "tq2_0"] = [out, tmp_path / "evaluated" / "tq2_0.json"]  # quantize failed
+    expected["bitnet", "int4"] = [tmp_path / "q" / "int4", tmp_path / "evaluated" / "int4.json"]  # never ran
+    done, failed = variant_outcomes(expected)
+    assert done == results
+    assert [(f["scheme"], f["status"], f["stage"]) for f in failed] == [
+        ("tq2_0", "failed", "quantize"), ("int4", "not run", None)]  # fmt: skip
+    aggregate_results(done, tmp_path / "report", failed)
+    md = (tmp_path / "report" / "results.md").read_text()
+    assert "| llamacpp | q4_k_m | 4 |" in md and "## Failed variants (2)" in md
+    assert "| bitnet | tq2_0 | failed | quantize | ConfigError: no 2-D weights match layers ['x'] |" in md
+
+    run(quantize, ["--out", str(out)])  # a later success clears the record
+    assert not record.exists()

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -35,6 +38,12 @@ def sweep(tmp_path_factory) -> Path:
     proc = snakemake(workdir, "--cores", "2")
     assert proc.returncode == 0, proc.stderr[-4000:]
     return workdir
+
+
+def job_counts(out: str) -> dict[str, str]:
+    """Snakemake's "Job stats" table (after its "job count" and "----" lines) as {rule: count}."""
+    table = out.split("Job stats:")[1].split("\n\n")[0].splitlines()[3:]
+    return dict(line.split() for line in table)
 
 
 def results(workdir: Path) -> dict[str, dict]:
@@ -135,8 +144,7 @@ def test_changing_one_scheme_reruns_only_that_variant(sweep):
     proc = snakemake(sweep, "--dry-run", config=('overrides=["+quant.llamacpp.q2_k.options.pure=true"]',))
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
-    table = out.split("Job stats:")[1].split("\n\n")[0].splitlines()[3:]  # after "job count" and "----"
-    jobs = dict(line.split() for line in table)
+    jobs = job_counts(out)
     assert jobs == {"quantize": "1", "evaluate": "1", "log_variant": "1", "aggregate_results": "1",
                     "all": "1", "total": "5"}  # fmt: skip
     assert "results/smoke/quantized/smollm2-135m/llamacpp/q2_k" in out
@@ -146,3 +154,90 @@ def test_bad_input_stops_before_any_job(sweep):
     proc = snakemake(sweep, "--dry-run", config=('overrides=["sweep.llamacpp=[q4_k_m,q9_k]"]',))
     assert proc.returncode != 0
     assert "unknown llamacpp scheme 'q9_k'; known: f16, iq1_m" in proc.stderr + proc.stdout
+
+
+def test_a_killed_run_resumes_without_redoing_finished_work(sweep):
+    """SIGKILL the whole run after two of four missing evaluations finished; `--unlock` (the lock a killed run
+    leaves) and a plain re-run complete the other two and leave the finished ones untouched."""
+    evaluated = sweep / "results/smoke/evaluated/smollm2-135m"
+    redo = [evaluated / name for name in ("llamacpp/q8_0.json", "llamacpp/q2_k.json", "openvino/int8_asym.json",
+                                          "bitnet/int4_g64.json")]  # fmt: skip
+    for path in redo:
+        path.unlink()
+    cmd = [str(Path(sys.executable).parent / "snakemake"), "--cores", "2", "--config", "experiment=smoke"]
+    proc = subprocess.Popen(cmd, cwd=sweep, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 600
+    while sum(p.exists() for p in redo) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = {p: p.stat().st_mtime_ns for p in redo if p.exists()}
+    assert 2 <= len(finished) < 4, finished
+    assert snakemake(sweep, "--unlock").returncode == 0
+    proc = snakemake(sweep, "--cores", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert all(p.exists() for p in redo)
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished
+    proc = snakemake(sweep, "--dry-run")
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_dvc_round_trip_restores_data_and_artifacts_bit_identically(sweep, tmp_path):
+    """The project's DVC setup (data.dvc-style tracking, the default local remote redirected to a temp dir):
+    push, delete, pull gives the same bytes; `snakemake --touch` then makes the restored files current."""
+    from bitsweep.manifest import sha256_file
+
+    def dvc(*args: str) -> str:
+        proc = subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=sweep, capture_output=True,
+                              text=True, check=False)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout
+
+    def digests(paths: list[str]) -> dict[str, str]:
+        files = [f for p in paths for f in sorted((sweep / p).rglob("*")) if f.is_file()]
+        return {str(f.relative_to(sweep)): sha256_file(f) for f in files}
+
+    tracked = ["data", "results/smoke/quantized"]
+    dvc("init", "--no-scm", "-q")
+    shutil.copy2(ROOT / ".dvc" / "config", sweep / ".dvc" / "config")
+    dvc("remote", "modify", "--local", "localremote", "url", str(tmp_path / "remote"))
+    dvc("add", "-q", *tracked)
+    before = digests(tracked)
+    assert len(before) > 20 and any(name.endswith(".gguf") for name in before)
+    dvc("push", "-q")
+    for path in tracked:
+        shutil.rmtree(sweep / path)
+    dvc("pull", "-q")
+    assert digests(tracked) == before
+    assert "up to date" in dvc("status")
+    assert snakemake(sweep, "--cores", "1", "--touch").returncode == 0
+    proc = snakemake(sweep, "--dry-run")
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_a_failing_variant_is_reported_and_the_rest_kept(sweep):
+    """A runtime fault in one variant (a layer pattern that matches nothing passes config validation and fails in
+    its quantize job) stops that variant alone: with keep-going (the default profile) the report still lists
+    every other row and names the failure with its error; restoring the config retries only that variant.
+    Runs last: it leaves the sweep with that variant to redo."""
+    before = results(sweep)
+    override = ('overrides=["+quant.bitnet.tq2_0.options.layers=[no_such_proj]"]',)
+    proc = snakemake(sweep, "--cores", "2", config=override)
+    assert proc.returncode != 0
+    md = (sweep / "results/smoke/report/results.md").read_text()
+    assert "## Failed variants (1)" in md, md
+    assert (
+        "| bitnet | tq2_0 | failed | quantize | ConfigError: no 2-D weights match layers ['no_such_proj']"
+        in md
+    )
+    assert "| llamacpp | q4_k_m |" in md and "| openvino | int8_asym |" in md
+    kept = results(sweep)
+    assert {k: v["metrics"] for k, v in kept.items() if k != "bitnet/tq2_0"} == {
+        k: v["metrics"] for k, v in before.items() if k != "bitnet/tq2_0"
+    }
+    proc = snakemake(sweep, "--dry-run")
+    out = proc.stdout + proc.stderr
+    jobs = job_counts(out)
+    assert jobs == {"quantize": "1", "evaluate": "1", "log_variant": "1", "aggregate_results": "1",
+                    "all": "1", "total": "5"}  # fmt: skip

@@ -12,9 +12,12 @@ import inspect
 import json
 import logging
 import sys
+import time
+import traceback
 import types
 import typing
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from bitsweep.config import from_dict
@@ -54,16 +57,50 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+# A variant's stages leave ``<output>.failed.json`` when they fail (what failed and why, for the report) and
+# remove it when they succeed: the record sits beside the output, so no rule has to know about it.
+FAILURE_RECORDED = {"quantize": "out", "evaluate_variant": "out_json", "evaluate_reference": "out_json"}
+
+
+def failure_record_path(output: str | Path) -> Path:
+    output = Path(output)
+    return output.with_name(output.name.removesuffix(".json") + ".failed.json")
+
+
 def run(stage: Callable[..., Any], argv: list[str] | None = None) -> Any:
     """Parse ``argv`` for ``stage`` and call it; a BitsweepError ends the process with its one-line message."""
     setup_logging()
+    record = None
     try:
         args = build_parser(stage).parse_args(argv)
-        return stage(**vars(args))
+        output = getattr(args, FAILURE_RECORDED.get(stage.__name__, ""), None)
+        record = failure_record_path(output) if output else None
+        result = stage(**vars(args))
     except BitsweepError as err:
         logging.getLogger("bitsweep").error("%s", err)
         print(f"bitsweep: {type(err).__name__}: {err}", file=sys.stderr)
+        _write_failure(record, stage.__name__, err)
         sys.exit(1)
+    except Exception as err:
+        _write_failure(record, stage.__name__, err)
+        raise
+    if record:
+        record.unlink(missing_ok=True)
+    return result
+
+
+def _write_failure(record: Path | None, stage: str, err: BaseException) -> None:
+    if not record:
+        return
+    from bitsweep.manifest import write_json
+
+    message = f"{type(err).__name__}: {err}".strip().splitlines()
+    write_json(record, {
+        "stage": stage,
+        "error": message[0][:500] if message else type(err).__name__,
+        "traceback": traceback.format_exception(err)[-6:],
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    })  # fmt: skip
 
 
 def run_named(argv: list[str]) -> Any:

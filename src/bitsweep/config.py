@@ -259,6 +259,7 @@ def config_dir_default() -> Path:
 
 def compose_dict(config_dir: str | Path, overrides: list[str]) -> dict[str, Any]:
     """Compose ``config.yaml`` with Hydra's compose API (no output dirs, no chdir) and resolve it."""
+    import yaml
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
@@ -270,7 +271,7 @@ def compose_dict(config_dir: str | Path, overrides: list[str]) -> dict[str, Any]
         with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
             cfg = compose(config_name="config", overrides=list(overrides))
         return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except (HydraException, OmegaConfBaseException) as err:
+    except (HydraException, OmegaConfBaseException, yaml.YAMLError) as err:
         raise ConfigError("cannot compose the configuration: " + " ".join(str(err).split())) from None
     finally:
         GlobalHydra.instance().clear()
@@ -323,12 +324,16 @@ def load_experiment(
 
 
 def _merge_option(config_dir: Path, group: str, option: str, delta: dict | None) -> dict[str, Any]:
+    import yaml
     from omegaconf import OmegaConf
 
     path = config_dir / group / f"{option}.yaml"
     if not path.is_file():
         raise unknown(group.replace("/", " ") + " config", option, _group_options(config_dir, group))
-    merged = OmegaConf.merge(OmegaConf.load(path), delta or {})
+    try:
+        merged = OmegaConf.merge(OmegaConf.load(path), delta or {})
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: malformed YAML: " + " ".join(str(err).split())) from None
     return OmegaConf.to_container(merged, resolve=True)  # type: ignore[return-value]
 
 

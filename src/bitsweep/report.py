@@ -40,6 +40,31 @@ def load_rows(paths: list[Path]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (r["backend"] != "reference", r["backend"], -r["bpw"], r["scheme"]))
 
 
+def variant_outcomes(expected: dict[tuple[str, str], list[Path]]) -> tuple[list[Path], list[dict]]:
+    """Split a sweep's variants into finished results and failures.
+
+    ``expected`` maps (backend, scheme) to the outputs of its jobs, the result JSON last. A failure record
+    beside any of them (``<output>.failed.json``, written when that job fails and removed when it next succeeds:
+    bitsweep.cli.run) wins over an older result. A variant with neither did not run: a job it needs failed.
+    """
+    from bitsweep.cli import failure_record_path
+
+    results, failed = [], []
+    for (backend, scheme), outputs in expected.items():
+        result = outputs[-1]
+        records = [failure_record_path(p) for p in outputs if failure_record_path(p).is_file()]
+        if records:
+            info = read_json(records[0])
+            failed.append({"backend": backend, "scheme": scheme, "status": "failed", "stage": info.get("stage"),
+                           "error": info.get("error")})  # fmt: skip
+        elif result.is_file():
+            results.append(result)
+        else:
+            failed.append({"backend": backend, "scheme": scheme, "status": "not run", "stage": None,
+                           "error": "a job it depends on failed or was interrupted"})  # fmt: skip
+    return results, failed
+
+
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     """Indices of points not dominated when both coordinates are to be minimised."""
     front = []
@@ -53,15 +78,24 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def write_tables(rows: list[dict[str, Any]], out_dir: Path) -> None:
-    keys = sorted({k for row in rows for k in row}, key=lambda k: ([c[0] for c in COLUMNS] + [k]).index(k))
+    keys = sorted({k for row in rows for k in row}, key=lambda k: (([c[0] for c in COLUMNS] + [k]).index(k), k))
     with open(out_dir / "results.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
     lines = ["| " + " | ".join(c[1] for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:
+        if row.get("status", "ok") != "ok":
+            continue
         cells = [_fmt(fmt, row.get(key)) for key, _, fmt in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
+    failed = [r for r in rows if r.get("status", "ok") != "ok"]
+    if failed:
+        lines += ["", f"## Failed variants ({len(failed)})", "", "| backend | scheme | status | stage | error |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for row in failed:
+            error = str(row.get("error") or "").replace("|", "\\|")
+            lines.append(f"| {row['backend']} | {row['scheme']} | {row['status']} | {row.get('stage') or '–'} | {error} |")
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")
 
 
@@ -104,10 +138,13 @@ def plot(
     plt.close(fig)
 
 
-def aggregate_results(results: list[Path], out_dir: Path) -> list[dict[str, Any]]:
+def aggregate_results(
+    results: list[Path], out_dir: Path, failed: list[dict[str, Any]] = ()
+) -> list[dict[str, Any]]:
+    """The report: finished variants in the tables and plots, ``failed`` ones listed with their error."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = load_rows(results)
-    write_tables(rows, out_dir)
+    write_tables(rows + list(failed), out_dir)
     variants = [r for r in rows if r["backend"] != "reference"]
     plot(variants, "size_mb", "kld", out_dir / "kld_vs_size.png", "KL divergence vs reference, by file size")
     plot(rows, "bpw", "ppl", out_dir / "ppl_vs_bpw.png", "Perplexity by effective bits per weight")
