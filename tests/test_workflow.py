@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -154,6 +155,42 @@ def test_bad_input_stops_before_any_job(sweep):
     proc = snakemake(sweep, "--dry-run", config=('overrides=["sweep.llamacpp=[q4_k_m,q9_k]"]',))
     assert proc.returncode != 0
     assert "unknown llamacpp scheme 'q9_k'; known: f16, iq1_m" in proc.stderr + proc.stdout
+
+
+@pytest.mark.slurm
+def test_slurm_run_matches_the_local_run(sweep, tmp_path):
+    """A real one-node SLURM cluster (scripts/slurm_local.sh: slurm-wlm + munge from apt) runs a short sweep
+    through the Snakemake SLURM executor (profiles/slurm-local); the jobs really went through SLURM and the
+    numbers equal the local run's."""
+    if os.geteuid() != 0 or not (shutil.which("apt-get") or shutil.which("slurmctld")):
+        pytest.skip("the local SLURM cluster needs root and apt-get (CI has both)")
+    cluster = [str(ROOT / "scripts" / "slurm_local.sh")]
+    start = subprocess.run(["bash", *cluster, "start"], capture_output=True, text=True, check=False)
+    assert start.returncode == 0, start.stderr[-2000:]
+    try:
+        for name in WORKFLOW_FILES:
+            (shutil.copytree if (ROOT / name).is_dir() else shutil.copy2)(ROOT / name, tmp_path / name)
+        cmd = [
+            str(Path(sys.executable).parent / "snakemake"),
+            "--profile",
+            "profiles/slurm-local",
+            "--config",
+            "experiment=smoke",
+            'overrides=["sweep.llamacpp=[q8_0]","sweep.openvino=[]","sweep.bitnet=[]"]',
+        ]
+        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, check=False)  # fmt: skip
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out[-4000:]
+    finally:
+        subprocess.run(["bash", *cluster, "stop"], capture_output=True, check=False)
+    submitted = re.findall(r"has been submitted with SLURM jobid (\d+)", out)
+    assert len(submitted) == 11, out[-3000:]  # every job but the local `all`
+    assert len(list((tmp_path / ".snakemake" / "slurm_logs").rglob("*.log"))) == 11
+    local = {k: v["metrics"] for k, v in results(sweep).items()}
+    for key, row in results(tmp_path).items():
+        for metric in ("ppl", "kld", "top1", "size_bytes", "bpw"):
+            assert row["metrics"][metric] == local[key][metric], (key, metric)
+    assert set(results(tmp_path)) == {"reference/fp32", "llamacpp/q8_0"}
 
 
 def test_a_killed_run_resumes_without_redoing_finished_work(sweep):
