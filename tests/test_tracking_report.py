@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,69 @@ def test_a_failed_job_leaves_a_record_that_the_report_lists(tmp_path, results):
 
     run(quantize, ["--out", str(out)])  # a later success clears the record
     assert not record.exists()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real MLflow tracking server on 127.0.0.1 (sqlite backend store, proxied artifacts)."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+           "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "2"]  # fmt: skip
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("mlflow server did not start") from None
+                time.sleep(0.5)
+        yield uri
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_parallel_jobs_log_to_a_tracking_server(tmp_path, results, mlflow_server):
+    """What the workflow does against a server: one init job, then variant jobs logging at the same time."""
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    sweep = init_tracking(TrackingConfig(uri=mlflow_server), "served", tmp_path / "sweep.json")
+    more = [write_json(tmp_path / f"v{i}.json", {**json.loads(results[1].read_text()), "scheme": f"v{i}"})
+            for i in range(6)]  # fmt: skip
+    script = Path(__file__).resolve().parents[1] / "scripts" / "run_stage.py"
+    jobs = [subprocess.Popen([sys.executable, str(script), "log_variant", "--tracking", str(tmp_path / "sweep.json"),
+                              "--result", str(path), "--params", "{}", "--out", str(tmp_path / f"{path.stem}.run.json")],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for path in results + more]  # fmt: skip
+    outputs = [job.communicate(timeout=300)[0] for job in jobs]
+    assert all(job.returncode == 0 for job in jobs), "\n".join(o[-1500:] for o in outputs)
+    assert not any("database is locked" in o for o in outputs)
+    client = MlflowClient(mlflow_server)
+    children = client.search_runs(
+        [sweep["experiment_id"]], f"tags.mlflow.parentRunId = '{sweep['parent_run_id']}'"
+    )
+    assert len(children) == len(results) + len(more) == 11
+    v3 = next(r for r in children if r.info.run_name == "llamacpp/v3")
+    assert v3.data.metrics["kld"] == pytest.approx(0.004)
+    assert {a.path for a in client.list_artifacts(v3.info.run_id)} >= {"v3.json"}
