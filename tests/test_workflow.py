@@ -264,7 +264,8 @@ def test_dvc_round_trip_restores_data_and_artifacts_bit_identically(sweep, tmp_p
 
     tracked = ["data", "results/smoke/quantized"]
     dvc("init", "--no-scm", "-q")
-    shutil.copy2(ROOT / ".dvc" / "config", sweep / ".dvc" / "config")
+    shutil.copy2(ROOT / ".dvc" / "config", sweep / ".dvc" / "config")  # the project's remote settings
+    dvc("config", "core.no_scm", "true")  # this copy of the workflow is not a git checkout
     dvc("remote", "modify", "--local", "localremote", "url", str(tmp_path / "remote"))
     dvc("add", "-q", *tracked)
     before = digests(tracked)
