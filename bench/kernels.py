@@ -71,6 +71,11 @@ def copies_for(nbytes: int, llc: int, cap: int) -> int:
     return max(2, min(cap // max(nbytes, 1), -(-2 * llc // max(nbytes, 1))))
 
 
+def spread(array: np.ndarray, llc: int, cap: int) -> list[np.ndarray]:
+    """The array and enough copies at distinct addresses to exceed twice the last-level cache."""
+    return [array] + [array.copy() for _ in range(copies_for(array.nbytes, llc, cap) - 1)]
+
+
 def replicate(pm: PackedMatrix, n: int) -> list[PackedMatrix]:
     """``n`` copies at distinct addresses, their kernel scalars converted up front (outside the timing)."""
     copies = [PackedMatrix(pm.fmt, pm.group, pm.k, pm.qs.copy(), pm.d.copy(), None if pm.m is None else pm.m.copy())
@@ -80,7 +85,7 @@ def replicate(pm: PackedMatrix, n: int) -> list[PackedMatrix]:
     return copies
 
 
-def bench_cell(n_rows, k, batch, threads, weights, args, llc, bandwidth):
+def bench_cell(k, batch, threads, weights, args, bandwidth):
     """Time every candidate for one (shape, batch, threads) cell, interleaved."""
     rng = np.random.default_rng(1)
     x = rng.standard_normal((batch, k)).astype(np.float32)
@@ -205,17 +210,16 @@ def main() -> None:
     rng = np.random.default_rng(0)
     for n_rows, k in shapes:
         w = rng.standard_normal((n_rows, k)).astype(np.float32)
-        weights = {"fp32": [w] + [w.copy() for _ in range(copies_for(w.nbytes, llc, cap) - 1)]}
+        weights = {"fp32": spread(w, llc, cap)}
         scale = np.abs(w).max(axis=1) / 127
         w8 = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
-        weights["int8"] = ([w8] + [w8.copy() for _ in range(copies_for(w8.nbytes, llc, cap) - 1)],
-                           scale.astype(np.float32))  # fmt: skip
+        weights["int8"] = (spread(w8, llc, cap), scale.astype(np.float32))
         for name in args.formats:
             pm = quantize(w, name, scale="absmean" if name in ("tq1_0", "tq2_0", "binary") else "absmax")
             weights[name] = replicate(pm, copies_for(pm.nbytes, llc, cap))
         for batch in batches:
             for threads in thread_counts:
-                cell = bench_cell(n_rows, k, batch, threads, weights, args, llc, bandwidth)
+                cell = bench_cell(k, batch, threads, weights, args, bandwidth)
                 report["cells"].append(
                     {"shape": [n_rows, k], "batch": batch, "threads": threads, "results": cell}
                 )

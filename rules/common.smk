@@ -136,10 +136,9 @@ def report_after_failure():
     """onerror: with --keep-going the other variants finished; report them and list what failed, with why."""
     from bitsweep.report import aggregate_results, variant_outcomes
 
-    expected = {("reference", "fp32"): [Path(f"{OUT}/evaluated/{MODEL}/reference/fp32.json")]}
-    for v in VARIANTS:
-        evaluated = Path(f"{OUT}/evaluated/{MODEL}/{v.backend}/{v.name}.json")
-        expected[v.backend, v.name] = [Path(quantized_dir(v)), evaluated]
+    cells = [("reference", "fp32"), *((v.backend, v.name) for v in VARIANTS)]
+    upstream = [[], *([Path(quantized_dir(v))] for v in VARIANTS)]  # the jobs before each result
+    expected = {cell: [*jobs, Path(result)] for cell, jobs, result in zip(cells, upstream, all_results(), strict=True)}
     results, failed = variant_outcomes(expected)
     if results:
         aggregate_results(results, Path(f"{OUT}/report"), failed)

@@ -52,7 +52,7 @@ def variant_outcomes(expected: dict[tuple[str, str], list[Path]]) -> tuple[list[
     results, failed = [], []
     for (backend, scheme), outputs in expected.items():
         result = outputs[-1]
-        records = [failure_record_path(p) for p in outputs if failure_record_path(p).is_file()]
+        records = [record for record in map(failure_record_path, outputs) if record.is_file()]
         if records:
             info = read_json(records[0])
             failed.append({"backend": backend, "scheme": scheme, "status": "failed", "stage": info.get("stage"),
@@ -78,7 +78,9 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def write_tables(rows: list[dict[str, Any]], out_dir: Path) -> None:
-    keys = sorted({k for row in rows for k in row}, key=lambda k: (([c[0] for c in COLUMNS] + [k]).index(k), k))
+    keys = sorted(
+        {k for row in rows for k in row}, key=lambda k: (([c[0] for c in COLUMNS] + [k]).index(k), k)
+    )
     with open(out_dir / "results.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=keys)
         writer.writeheader()
@@ -95,7 +97,9 @@ def write_tables(rows: list[dict[str, Any]], out_dir: Path) -> None:
                   "|---|---|---|---|---|"]  # fmt: skip
         for row in failed:
             error = str(row.get("error") or "").replace("|", "\\|")
-            lines.append(f"| {row['backend']} | {row['scheme']} | {row['status']} | {row.get('stage') or '–'} | {error} |")
+            lines.append(
+                f"| {row['backend']} | {row['scheme']} | {row['status']} | {row.get('stage') or '–'} | {error} |"
+            )
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")
 
 

@@ -86,9 +86,9 @@ def pack_state_dict(tensors: dict[str, np.ndarray], settings: dict[str, Any]):
     packed, kept = {}, {}
     for name, array in tensors.items():
         if _selected(name, array, settings["layers"]):
-            scale = settings["scale"] if settings["format"] in ("tq1_0", "tq2_0", "binary") else "absmax"
+            # `scale` is the rule of the sign-scaled formats; the affine ones always use each group's min/max
             packed[name.removesuffix(".weight")] = quantize(
-                array.astype(np.float32), settings["format"], settings["group_size"], scale
+                array.astype(np.float32), settings["format"], settings["group_size"], settings["scale"]
             )
         elif array.ndim >= 2 and np.issubdtype(array.dtype, np.floating):
             kept[name] = array.astype(settings["keep_dtype"])
@@ -160,8 +160,8 @@ class BitnetBackend:
         for name in COPIED:
             if (src / name).is_file():
                 shutil.copy2(src / name, out / name)
-        n_params = sum(a.size for a in kept.values()) + sum(pm.n_rows * pm.k for pm in packed.values())
         packed_params = sum(pm.n_rows * pm.k for pm in packed.values())
+        n_params = sum(a.size for a in kept.values()) + packed_params
         packed_bytes = sum(pm.nbytes for pm in packed.values())
         padded = {m: [pm.k, pm.k_padded] for m, pm in packed.items() if pm.k_padded != pm.k}
         (out / PACKED_JSON).write_text(json.dumps({
@@ -361,7 +361,7 @@ def export_gguf(artifact_dir: Path, f32_gguf: Path, out: Path) -> dict[str, Any]
         check = quantize(source, info["format"], pm.group, info["scale"])
         if not (np.array_equal(check.qs, ours.qs) and np.array_equal(check.d, ours.d)):
             raise ConfigError(f"{tensor.name}: llama.cpp's weights do not re-quantize to ours ({module})")
-        if pm.k % 256 == 0:
+        if pm.k_padded == pm.k:  # rows of whole 256-blocks: the GGUF holds our TQ bytes
             payloads.append((tensor.name, ours.to_gguf_bytes(), qtype))
             stats["tq_tensors"] += 1
         else:

@@ -78,6 +78,11 @@ class Format:
     scalars: int = 1  # fp16 scalars stored per group: 1 (scale) or 2 (scale and min)
     ternary: ClassVar[frozenset[str]] = frozenset({"tq1_0", "tq2_0"})
 
+    @property
+    def sign_scaled(self) -> bool:
+        """Ternary and binary: one scale per group, set by a scale rule (absmax or absmean); no offset."""
+        return self.name in self.ternary or self.name == "binary"
+
     def bytes_per_group(self, group: int) -> int:
         if self.name == "tq1_0":
             return TQ1_QS + TQ1_QH
@@ -144,6 +149,16 @@ class PackedMatrix:
     @property
     def nbytes(self) -> int:
         return self.qs.nbytes + self.d.nbytes + (self.m.nbytes if self.m is not None else 0)
+
+    def one_scale_per_row(self) -> bool:
+        """Whether every group of a row shares its scale (a sign-scaled format with BitNet's per-tensor
+        absmean): then a row's dot product is one integer sum. Cached in ``meta``."""
+        cached = self.meta.get("_one_scale_per_row")
+        if cached is None:
+            cached = self.meta["_one_scale_per_row"] = self.fmt.sign_scaled and bool(
+                (self.d == self.d[:, :1]).all()
+            )
+        return cached
 
     def kernel_scalars(self) -> tuple[np.ndarray, np.ndarray]:
         """Per-group float32 ``(a, c)`` with ``w = a * q + c`` (see the module docstring)."""
@@ -349,7 +364,7 @@ def quantize(w: np.ndarray, fmt_name: str, group: int | None = None, scale: str 
         codes = codes.astype(np.uint8)
         m = lo[..., 0].astype(np.float16)
     qs = pack_codes(fmt, codes)
-    meta = {"scale": scale} if fmt.name in Format.ternary or fmt.name == "binary" else {}
+    meta = {"scale": scale} if fmt.sign_scaled else {}
     return PackedMatrix(fmt, group, k, qs, d[..., 0].astype(np.float16), m, meta)
 
 
@@ -422,12 +437,7 @@ def uniform_row_scales(pm: PackedMatrix, acts: Activations) -> bool:
     """Whether a row's dot product can be one integer sum: integer activations with one scale per token, and a
     format whose rows carry one scale (ternary/binary with a per-tensor absmean; the affine formats and int3's
     split planes never qualify)."""
-    if not acts.integer or pm.fmt.name not in ("tq2_0", "tq1_0", "binary"):
-        return False
-    uniform = pm.meta.get("_uniform_rows")
-    if uniform is None:
-        uniform = pm.meta["_uniform_rows"] = bool((pm.d == pm.d[:, :1]).all())
-    return uniform and bool((acts.scale == acts.scale[:, :1]).all())
+    return acts.integer and pm.one_scale_per_row() and bool((acts.scale == acts.scale[:, :1]).all())
 
 
 def group_dots(pm: PackedMatrix, acts: Activations) -> np.ndarray:
