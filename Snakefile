@@ -27,6 +27,7 @@ rule all:
     input:
         report_outputs(),
         tracking_outputs(),
+        screenshot_outputs(),
 
 
 rule all_quantized:

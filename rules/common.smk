@@ -26,6 +26,10 @@ try:
         list(config.get("overrides") or []),
     )
     EXP.check_paths()
+    if "qnn" in EXP.schemes:  # no token with on_missing_token=fail: one line, before any job
+        from bitsweep.backends.qnn import check_aihub
+
+        AIHUB = check_aihub(EXP.backends["qnn"])
 except BitsweepError as err:
     raise WorkflowError(f"bitsweep: {err}") from None
 
@@ -70,14 +74,27 @@ def report_outputs():
     return [f"{OUT}/report/{name}" for name in REPORT_FILES]
 
 
+def screenshot_outputs():
+    """The MLflow UI screenshot when tracking is on and report.screenshot wants it (null: chromium installed)."""
+    from bitsweep.screenshot import INSTALL_HINT, screenshot_wanted
+
+    if not EXP.tracking.enabled:
+        return []
+    if not screenshot_wanted(EXP.report.screenshot):
+        if EXP.report.screenshot is None:
+            print(f"bitsweep: skipping the report's MLflow screenshot; {INSTALL_HINT}", file=sys.stderr)
+        return []
+    return [f"{OUT}/report/mlflow_compare.png"]
+
+
 def converted_model(backend):
     """The converted format a backend's quantizer reads (capability table: source_format)."""
     fmt = backend_info(backend).source_format
     if fmt == "gguf":
         outtype = EXP.backends[backend].get("convert_outtype", "f32")
         return f"{OUT}/converted/{MODEL}/gguf/model-{outtype}.gguf"
-    if fmt == "openvino":
-        return f"{OUT}/converted/{MODEL}/openvino"
+    if fmt in ("openvino", "onnx", "mlx"):
+        return f"{OUT}/converted/{MODEL}/{fmt}"
     if fmt == "hf":  # the downloaded HF folder itself (bitnet packs its safetensors directly)
         return f"data/models/{MODEL}"
     raise WorkflowError(f"no conversion rule for format {fmt!r} (backend {backend!r})")
@@ -103,6 +120,11 @@ def calibration_args(wildcards, input):
     if "calib" in input.keys():
         return f"--calib-text {input.calib}"
     return ""
+
+
+def quantize_mem_mb(wildcards):
+    """A backend's memory for quantization (backends.<backend>.mem_mb), so the scheduler can pack jobs."""
+    return int(EXP.backends[wildcards.backend].get("mem_mb", 4000))
 
 
 def get_scheme_json(wildcards):
@@ -143,6 +165,17 @@ def report_after_failure():
     if results:
         aggregate_results(results, Path(f"{OUT}/report"), failed)
         print(f"bitsweep: {len(failed)} variant(s) failed or did not run; report of the rest: {OUT}/report/results.md")
+
+
+def aihub_enabled():
+    return "qnn" in EXP.schemes and AIHUB.enabled
+
+
+def get_device_profile(wildcards):
+    """The AI Hub record of a QNN variant when AI Hub is enabled (logged to MLflow beside local metrics)."""
+    if wildcards.backend == "qnn" and aihub_enabled():
+        return [f"{OUT}/aihub/{MODEL}/qnn/{wildcards.scheme}.json"]
+    return []
 
 
 def variant_logs(wildcards):

@@ -62,3 +62,18 @@ rule evaluate:
         "python scripts/run_stage.py evaluate_variant --model {wildcards.model} --artifact-dir {input.artifact:q}"
         " --windows-path {input.windows:q} --reference-path {input.reference:q} --cfg {params.eval:q}"
         " --out-json {output:q} > {log:q} 2>&1"
+
+
+# Qualcomm AI Hub (backends.qnn.aihub.enabled): compile + profile each QNN variant on a hosted device.
+rule profile_on_aihub:
+    input:
+        artifact=f"{OUT}/quantized/{{model}}/qnn/{{scheme}}",
+    output:
+        f"{OUT}/aihub/{{model}}/qnn/{{scheme}}.json",
+    log:
+        "logs/profile_on_aihub/{model}/qnn/{scheme}.log",
+    params:
+        settings=to_json(EXP.backends.get("qnn", {})),
+    shell:
+        "python scripts/run_stage.py profile_on_aihub --artifact-dir {input.artifact:q} --settings {params.settings:q}"
+        " --out {output:q} > {log:q} 2>&1"

@@ -30,6 +30,8 @@ rule quantize:
         settings=get_settings_json,
         calibration=calibration_args,
     threads: 2
+    resources:
+        mem_mb=quantize_mem_mb,
     shell:
         "python scripts/run_stage.py quantize --src {input.src:q} --scheme {params.scheme:q} --settings {params.settings:q}"
         " --out {output:q} {params.calibration} > {log:q} 2>&1"

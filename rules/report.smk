@@ -15,5 +15,19 @@ rule aggregate_results:
         "python scripts/run_stage.py aggregate_results --results {input:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
+# Also waits for the report (not read): it runs last, so a failed screenshot holds back no result or report.
+rule screenshot_mlflow:
+    input:
+        tracking=f"{OUT}/tracking/sweep.json",
+        runs=tracking_outputs(),
+        report=report_outputs(),
+    output:
+        report(f"{OUT}/report/mlflow_compare.png", category="MLflow", caption="../report/mlflow_compare.rst"),
+    log:
+        "logs/screenshot_mlflow.log",
+    shell:
+        "python scripts/run_stage.py screenshot_mlflow --tracking {input.tracking:q} --out {output:q} > {log:q} 2>&1"
+
+
 onerror:
     report_after_failure()

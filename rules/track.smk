@@ -20,6 +20,7 @@ rule log_variant:
     input:
         tracking=f"{OUT}/tracking/sweep.json",
         result=f"{OUT}/evaluated/{{model}}/{{backend}}/{{scheme}}.json",
+        device=get_device_profile,
     output:
         f"{OUT}/tracking/{{model}}/{{backend}}/{{scheme}}.json",
     log:
@@ -30,6 +31,7 @@ rule log_variant:
     params:
         run=get_run_params,
         logs=variant_logs,
+        device=lambda wildcards, input: f"--device-profile {input.device}" if input.device else "",
     shell:
         "python scripts/run_stage.py log_variant --tracking {input.tracking:q} --result {input.result:q} --params {params.run:q}"
-        " --out {output:q} --logs {params.logs:q} > {log:q} 2>&1"
+        " --out {output:q} --logs {params.logs:q} {params.device} > {log:q} 2>&1"

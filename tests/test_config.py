@@ -52,7 +52,7 @@ def test_experiment_deltas_and_overrides_apply():
         ("default", ["model=gpt5"], "unknown model 'gpt5'; known: bitnet-b1.58-2b-4t, smollm2-135m"),
         ("default", ["eval=imagenet"], "unknown eval 'imagenet'"),
         ("default", ["sweep.llamacpp=[q4_k_m,q9_k]"], "unknown llamacpp scheme 'q9_k'; known: f16, iq1_m"),
-        ("default", ["+sweep.onnx=[int8]"], "unknown backend 'onnx'; known: bitnet, llamacpp, openvino"),
+        ("default", ["+sweep.onnx=[int8]"], "unknown backend 'onnx'; known: bitnet, llamacpp, mlx"),
         ("default", ["+quant.openvino.nf4_g64.options.mode=NF5"], "unknown openvino mode 'NF5'; known: FP4"),
         (
             "default",
@@ -69,7 +69,21 @@ def test_experiment_deltas_and_overrides_apply():
         ("default", ["+quant.llamacpp.q4_0.bits=3"], "type Q4_0 is 4-bit, config says 3"),
         ("default", ["+quant.llamacpp.q4_0.options.typo=1"], "unknown options ['typo']"),
         ("default", ["tracking.uri=ftp://x"], "unknown MLflow tracking URI scheme 'ftp'"),
-        ("default", ["sweep.llamacpp=[]", "sweep.openvino=[]", "sweep.bitnet=[]"], "sweeps no scheme"),
+        ("default", ["tracking=off", "report.screenshot=true"], "MLflow runs: it needs tracking on"),
+        ("default", ["report.screenshot=maybe"], "report.screenshot: expected bool, got 'maybe'"),
+        (
+            "default",
+            [
+                "sweep.llamacpp=[]",
+                "sweep.openvino=[]",
+                "sweep.mlx=[]",
+                "sweep.bitnet=[]",
+                "sweep.onnxruntime=[]",
+                "sweep.olive=[]",
+                "sweep.qnn=[]",
+            ],
+            "sweeps no scheme",
+        ),
         (
             "default",
             ["+quant.bitnet.int4_g64.options.format=int5"],

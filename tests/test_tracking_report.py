@@ -9,6 +9,7 @@ import pytest
 from bitsweep.config import TrackingConfig
 from bitsweep.manifest import write_json
 from bitsweep.report import aggregate_results
+from bitsweep.screenshot import find_chromium
 from bitsweep.tracking import flatten, init_tracking, log_variant
 
 
@@ -179,3 +180,118 @@ def test_parallel_jobs_log_to_a_tracking_server(tmp_path, results, mlflow_server
     v3 = next(r for r in children if r.info.run_name == "llamacpp/v3")
     assert v3.data.metrics["kld"] == pytest.approx(0.004)
     assert {a.path for a in client.list_artifacts(v3.info.run_id)} >= {"v3.json"}
+
+
+def test_compare_url_is_the_uis_own_route():
+    """MLflow 3.17's getCompareRunPageRoute: JSON lists of run and experiment ids in the hash's query."""
+    from urllib.parse import unquote
+
+    from bitsweep.screenshot import compare_url
+
+    url = compare_url("http://h:5000/", ["r1", "r2"], ["3"])
+    assert unquote(url) == 'http://h:5000/#/compare-runs?runs=["r1","r2"]&experiments=["3"]'
+    assert " " not in url and '"' not in url
+
+
+def test_the_temporary_server_serves_the_workflows_store(tmp_path, monkeypatch):
+    """It runs in a temporary folder: a relative sqlite path is resolved first; artifacts: mlruns beside it."""
+    from bitsweep.screenshot import server_command
+
+    monkeypatch.chdir(tmp_path)
+    cmd = server_command("sqlite:///mlflow.db", 5001)
+    assert cmd[cmd.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert cmd[cmd.index("--default-artifact-root") + 1] == str(tmp_path.resolve() / "mlruns")
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and "--no-serve-artifacts" in cmd
+
+
+def test_screenshot_without_chromium_says_how_to_install_it(tmp_path, monkeypatch):
+    from bitsweep import screenshot
+    from bitsweep.errors import ScreenshotError
+
+    monkeypatch.setattr(screenshot.shutil, "which", lambda name: None)
+    assert screenshot.screenshot_wanted(None) is False  # the workflow leaves the rule out, with a message
+    assert screenshot.screenshot_wanted(True) is True and screenshot.screenshot_wanted(False) is False
+    with pytest.raises(ScreenshotError) as err:
+        screenshot.screenshot_mlflow(tmp_path / "sweep.json", tmp_path / "out.png")
+    assert "apt-get install chromium" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_page_that_did_not_render_is_refused(tmp_path):
+    from PIL import Image
+
+    from bitsweep.errors import ScreenshotError
+    from bitsweep.screenshot import WINDOW, check_page
+
+    png = tmp_path / "page.png"
+    Image.new("RGB", WINDOW, "white").save(png)
+    with pytest.raises(ScreenshotError, match="blank"):
+        check_page("<a href='#/experiments/1/runs/r1'>r1</a>", png, ["r1"], WINDOW)
+    with pytest.raises(ScreenshotError, match="did not show the runs"):
+        check_page("<div>Error while loading compare runs page</div>", png, ["r1"], WINDOW)
+    with pytest.raises(ScreenshotError, match="1 of 2 missing"):
+        check_page("<a>r1</a>", png, ["r1", "r2"], WINDOW)
+
+
+@pytest.mark.slow
+def test_the_temporary_server_is_stopped_on_error(tmp_path):
+    """An error while the UI is served (Chromium crashed, the page did not render): the server is gone after."""
+    import urllib.request
+    from urllib.parse import urlparse
+
+    from bitsweep.screenshot import mlflow_ui
+
+    with (
+        pytest.raises(RuntimeError, match="render failed"),
+        mlflow_ui(f"sqlite:///{tmp_path / 'mlflow.db'}") as ui,
+    ):
+        port = urlparse(ui[0]).port
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as response:
+            assert response.status == 200
+        assert _processes_mentioning(str(tmp_path))  # the server, named by its store
+        raise RuntimeError("render failed")
+    assert not _processes_mentioning(str(tmp_path))
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if text in cmdline:
+            found.append(f"{proc.pid}: {cmdline[:200]}")
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    find_chromium() is None,
+    reason="chromium is not installed (apt-get install chromium; scripts/install.sh does it as root)",
+)
+def test_screenshot_of_the_compare_view_of_a_real_store(tmp_path, results, monkeypatch):
+    """Parent + 2 child runs in a sqlite store: a temporary mlflow server, headless Chromium, a real PNG of the
+    compare-runs page (the DOM showed both runs), and afterwards no server or browser process left."""
+    import tempfile
+
+    from PIL import Image
+
+    from bitsweep.screenshot import WINDOW, screenshot_mlflow
+
+    monkeypatch.chdir(tmp_path)
+    # Temporary folders (the browser profile too) under tmp_path: every process started names tmp_path.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    init_tracking(TrackingConfig(uri=uri), "shot", tmp_path / "sweep.json")
+    for path in (results[1], results[0]):
+        log_variant(tmp_path / "sweep.json", path, [], {}, tmp_path / f"{path.stem}.run.json")
+    out = tmp_path / "report" / "mlflow_compare.png"
+    shot = screenshot_mlflow(tmp_path / "sweep.json", out)
+    assert shot["runs"] == ["reference/fp32", "llamacpp/q8_0"]  # the reference first
+    assert "#/compare-runs?runs=" in shot["url"]
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size == WINDOW
+        grey = image.convert("L")
+        assert grey.getextrema()[1] - grey.getextrema()[0] > 100  # text on a background, not one colour
+        assert len(image.convert("RGB").getcolors(maxcolors=1 << 20)) > 50
+    assert not list(tmp_path.glob("bitsweep-*")), "temporary folders left behind"
+    assert not _processes_mentioning(str(tmp_path)), "an mlflow server or chromium process is still running"

@@ -24,6 +24,10 @@ WORKFLOW_FILES = ["Snakefile", "rules", "configs", "scripts", "profiles", "repor
 
 # Credentials a user may have in the environment: they must never reach a log, a result, a report or MLflow.
 SECRETS = {"HF_TOKEN": "hf_bitsweepTestSecret0123456789", "QAIHUB_API_TOKEN": "qaihubTestSecret0123456789"}
+# With chromium installed (CI: scripts/install.sh) a sweep ends with the MLflow screenshot (report.screenshot=null),
+# which follows every re-logged variant.
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+SCREENSHOT = {"screenshot_mlflow": "1"} if CHROMIUM else {}
 
 
 def snakemake(workdir: Path, *args: str, config: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
@@ -64,8 +68,10 @@ def test_sweep_produces_sane_comparable_results(sweep):
     llamacpp = ("q8_0", "q4_k_m", "q2_k", "iq2_xxs", "tq2_0")
     openvino = ("int8_asym", "int4_asym_g128", "int4_asym_awq_se")
     bitnet = ("int4_g64", "tq2_0")
+    onnx_family = ("onnxruntime/int4_g32_sym", "olive/rtn_int4_g32", "qnn/w8a16")
     assert set(rows) == {"reference/fp32", *(f"llamacpp/{s}" for s in llamacpp),
-                         *(f"openvino/{s}" for s in openvino), *(f"bitnet/{s}" for s in bitnet)}  # fmt: skip
+                         *(f"openvino/{s}" for s in openvino), *(f"bitnet/{s}" for s in bitnet),
+                         *onnx_family, "mlx/mxfp4"}  # fmt: skip
     m = {k: v["metrics"] for k, v in rows.items()}
     assert 5 < m["reference/fp32"]["ppl"] < 60 and math.isfinite(m["reference/fp32"]["ppl"])
     assert m["llamacpp/q8_0"]["kld"] < m["llamacpp/q4_k_m"]["kld"] < m["llamacpp/q2_k"]["kld"]
@@ -81,6 +87,23 @@ def test_sweep_produces_sane_comparable_results(sweep):
         (sweep / "results/smoke/converted/smollm2-135m/openvino/conversion.json").read_text()
     )
     assert ir_check["max_abs_logit_diff_vs_torch"] < 1e-2
+    # The ONNX export and the MLX conversion agree with torch before anything is quantized.
+    for fmt in ("onnx", "mlx"):
+        check = json.loads(
+            (sweep / f"results/smoke/converted/smollm2-135m/{fmt}/conversion.json").read_text()
+        )
+        assert check["max_abs_logit_diff_vs_torch"] < 1e-3, fmt
+    # The ONNX family really quantized (MatMulNBits / QDQ) and stays usable at 4-bit weights / W8A16.
+    assert rows["onnxruntime/int4_g32_sym"]["artifact"]["applied"]["quant_ops"]["MatMulNBits"] == 211
+    assert (
+        rows["olive/rtn_int4_g32"]["artifact"]["applied"]["olive_passes"][-1]
+        == "OnnxBlockWiseRtnQuantization"
+    )
+    assert rows["qnn/w8a16"]["artifact"]["applied"]["quant_ops"]["QuantizeLinear"] > 1000
+    for key in onnx_family:
+        assert m[key]["kld"] < 1.0 and m[key]["top1"] > 0.5, (key, m[key])
+    assert m["qnn/w8a16"]["kld"] < m["onnxruntime/int4_g32_sym"]["kld"]
+    assert rows["mlx/mxfp4"]["artifact"]["applied"]["bpw"] < 6 and math.isfinite(m["mlx/mxfp4"]["ppl"])
     sizes = [m[f"llamacpp/{s}"]["size_bytes"] for s in ("q8_0", "q4_k_m", "q2_k")]
     assert sizes == sorted(sizes, reverse=True)
     # Every row was scored on the same windows against the same reference.
@@ -135,10 +158,12 @@ def test_report_and_mlflow_runs(sweep):
     report = sweep / "results/smoke/report"
     assert "| llamacpp | q4_k_m |" in (report / "results.md").read_text()
     assert (report / "kld_vs_size.png").stat().st_size > 10_000
+    if SCREENSHOT:
+        assert (report / "mlflow_compare.png").stat().st_size > 10_000
     info = json.loads((sweep / "results/smoke/tracking/sweep.json").read_text())
     client = MlflowClient(info["uri"])
     runs = client.search_runs([info["experiment_id"]], f"tags.mlflow.parentRunId = '{info['parent_run_id']}'")
-    assert len(runs) == 11
+    assert len(runs) == 15
     q8 = next(r for r in runs if r.info.run_name == "llamacpp/q8_0")
     assert q8.data.params["options.type"] == "Q8_0" and q8.data.metrics["kld"] > 0
 
@@ -169,7 +194,7 @@ def test_changing_one_scheme_reruns_only_that_variant(sweep):
     assert proc.returncode == 0, out
     jobs = job_counts(out)
     assert jobs == {"quantize": "1", "evaluate": "1", "log_variant": "1", "aggregate_results": "1",
-                    "all": "1", "total": "5"}  # fmt: skip
+                    **SCREENSHOT, "all": "1", "total": str(5 + len(SCREENSHOT))}  # fmt: skip
     assert "results/smoke/quantized/smollm2-135m/llamacpp/q2_k" in out
 
 
@@ -198,7 +223,7 @@ def test_slurm_run_matches_the_local_run(sweep, tmp_path):
             "profiles/slurm-local",
             "--config",
             "experiment=smoke",
-            'overrides=["sweep.llamacpp=[q8_0]","sweep.openvino=[]","sweep.bitnet=[]"]',
+            'overrides=["sweep.llamacpp=[q8_0]","sweep.openvino=[]","sweep.bitnet=[]","report.screenshot=false"]',
         ]
         proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, check=False)  # fmt: skip
         out = proc.stdout + proc.stderr
@@ -305,4 +330,4 @@ def test_a_failing_variant_is_reported_and_the_rest_kept(sweep):
     out = proc.stdout + proc.stderr
     jobs = job_counts(out)
     assert jobs == {"quantize": "1", "evaluate": "1", "log_variant": "1", "aggregate_results": "1",
-                    "all": "1", "total": "5"}  # fmt: skip
+                    **SCREENSHOT, "all": "1", "total": str(5 + len(SCREENSHOT))}  # fmt: skip

@@ -7,7 +7,7 @@ and is imported only when a job actually uses it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bitsweep.errors import ConfigError, unknown
 
@@ -88,6 +88,8 @@ class BackendInfo:
     type_key: str  # the scheme option naming the format: "type" (llama.cpp), "mode" (NNCF)
     type_bits: dict[str, int]  # format -> bit class
     options: frozenset[str]  # every option a scheme of this backend may set
+    group_sizes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # format -> group sizes it takes
+    unavailable: dict[str, str] = field(default_factory=dict)  # option -> why this host cannot run it
 
     @property
     def bits(self) -> frozenset[int]:
@@ -96,6 +98,9 @@ class BackendInfo:
     def check_scheme(self, scheme: str, bits: int, options: dict) -> None:
         """Reject a scheme this backend cannot run, naming what it can."""
         where = f"scheme {self.name}/{scheme}"
+        for option, why in self.unavailable.items():
+            if options.get(option):
+                raise ConfigError(f"{where}: {option} cannot run here: {why}")
         if bits not in self.bits:
             raise ConfigError(
                 f"backend {self.name!r} cannot quantize to {bits} bits ({where}); "
@@ -111,11 +116,80 @@ class BackendInfo:
             raise ConfigError(
                 f"{where}: {self.type_key} {kind} is {self.type_bits[kind]}-bit, config says {bits}"
             )
+        groups = self.group_sizes.get(kind)
+        given = options.get("group_size")
+        if groups is not None and given is not None and given not in groups:
+            known = ", ".join(map(str, sorted(groups))) or "(none)"
+            raise ConfigError(
+                f"{where}: {self.type_key} {kind} takes group_size {known}; config says {given}"
+            )
 
 
 # bitsweep's own packed formats (bitsweep.kernels.formats) and their bit class: the ternary layouts sit where
 # llama.cpp puts TQ2_0 (2) and TQ1_0 (1).
 BITNET_FORMATS: dict[str, int] = {"TQ2_0": 2, "TQ1_0": 1, "BINARY": 1, "INT2": 2, "INT3": 3, "INT4": 4}
+
+
+# ONNX Runtime's quantizers (backend onnxruntime) and their bit class. NONE: the fp32 export as is (ONNX
+# Runtime's own full-precision check against torch). BLOCK_*: weight-only blockwise MatMulNBits (RTN); this
+# onnxruntime's blockwise quantizer accepts bits 2, 4 and 8 only ("Only support 2, 4 or 8 bits quantization");
+# its k-quant algorithm fails on SmolLM2's 576-wide rows (a reshape error inside onnxruntime 1.31), so it is not
+# offered.
+ORT_FORMATS: dict[str, int] = {
+    "NONE": 32, "DYNAMIC_INT8": 8, "QDQ_INT8": 8, "BLOCK_INT8": 8, "BLOCK_INT4": 4, "BLOCK_INT2": 2, "HQQ_INT4": 4,
+}  # fmt: skip
+ORT_OPTIONS = frozenset({"format", "block_size", "symmetric", "accuracy_level", "op_types", "per_channel",
+                         "weight_type", "activation_type", "calibrate_method", "exclude", "dataset"})  # fmt: skip
+
+# Olive passes (backend olive), named by what they make. Olive runs its own graph optimisation first.
+OLIVE_FORMATS: dict[str, int] = {"NONE": 32, "DYNAMIC_INT8": 8, "RTN_INT8": 8, "RTN_INT4": 4, "HQQ_INT4": 4}
+
+# Qualcomm QNN QDQ configurations (onnxruntime's QNN helpers): weight bits x activation bits. The bit class is
+# the weights'; 16-bit activations need opset 21.
+QNN_FORMATS: dict[str, int] = {"W8A8": 8, "W8A16": 8, "W4A16": 4, "W16A16": 16}
+
+
+@dataclass(frozen=True)
+class MLXMode:
+    """One MLX weight quantization (``mx.quantize`` through mlx-lm's ``quantize_model``).
+
+    ``bits`` is the width of every quantized layer; for a mixed recipe it is the low width (the bit class) and
+    ``high_bits`` the width mlx-lm's recipe gives v_proj/down_proj of the first and last eighth of the layers
+    and of every third layer between, and a separate LM head. ``group_sizes``: those MLX accepts, its default
+    first (microscaling formats have one fixed group).
+    """
+
+    name: str
+    mode: str  # mx.quantize mode: affine, mxfp4, nvfp4, mxfp8; "none": the converted model as is
+    bits: int
+    group_sizes: tuple[int, ...] = (64, 32, 128)
+    recipe: str | None = None  # mlx_lm.convert.QUANT_RECIPES
+    high_bits: int | None = None
+
+
+# Every affine width mx.quantize accepts ("The supported bits are 1, 2, 3, 4, 5, 6 and 8"), its microscaling
+# formats and mlx-lm's mixed recipes; all run on the CPU backend. NONE: the converted fp model as is, MLX's
+# own full-precision check against torch.
+MLX_MODES: dict[str, MLXMode] = {
+    m.name: m
+    for m in [
+        MLXMode("NONE", "none", 32, ()),
+        *(MLXMode(f"AFFINE{b}", "affine", b) for b in (1, 2, 3, 4, 5, 6, 8)),
+        MLXMode("MXFP8", "mxfp8", 8, (32,)),
+        MLXMode("MXFP4", "mxfp4", 4, (32,)),
+        MLXMode("NVFP4", "nvfp4", 4, (16,)),
+        MLXMode("MIXED_4_6", "affine", 4, recipe="mixed_4_6", high_bits=6),
+        MLXMode("MIXED_3_6", "affine", 3, recipe="mixed_3_6", high_bits=6),
+        MLXMode("MIXED_3_4", "affine", 3, recipe="mixed_3_4", high_bits=4),
+        MLXMode("MIXED_2_6", "affine", 2, recipe="mixed_2_6", high_bits=6),
+    ]
+}
+# MLX features this host (Linux, MLX's CPU backend) cannot run: refused at config time, with why.
+MLX_GPU_ONLY: dict[str, str] = {
+    "quantize_input": "activation quantization (nn.quantize(quantize_input=True), mx.qqmm: nvfp4/mxfp8 "
+    "W4A4/W8A8) has kernels only in MLX's GPU backends (Metal, CUDA); its CPU backend raises "
+    "'[QQMatmul] NYI for the general case'",
+}
 
 
 BACKENDS: dict[str, BackendInfo] = {
@@ -150,6 +224,40 @@ BACKENDS: dict[str, BackendInfo] = {
             }
         ),
     ),
+    "onnxruntime": BackendInfo(
+        name="onnxruntime",
+        module="bitsweep.backends.onnx:OnnxRuntimeBackend",
+        source_format="onnx",
+        type_key="format",
+        type_bits=ORT_FORMATS,
+        options=ORT_OPTIONS,
+    ),
+    "olive": BackendInfo(
+        name="olive",
+        module="bitsweep.backends.olive:OliveBackend",
+        source_format="onnx",
+        type_key="format",
+        type_bits=OLIVE_FORMATS,
+        options=frozenset({"format", "block_size", "symmetric", "per_channel"}),
+    ),
+    "qnn": BackendInfo(
+        name="qnn",
+        module="bitsweep.backends.qnn:QnnBackend",
+        source_format="onnx",
+        type_key="format",
+        type_bits=QNN_FORMATS,
+        options=frozenset({"format", "per_channel", "calibrate_method", "keep_float", "dataset"}),
+    ),
+    "mlx": BackendInfo(
+        name="mlx",
+        module="bitsweep.backends.mlx:MLXBackend",
+        source_format="mlx",
+        type_key="mode",
+        type_bits={m.name: m.bits for m in MLX_MODES.values()},
+        options=frozenset({"mode", "group_size", *MLX_GPU_ONLY}),
+        group_sizes={m.name: m.group_sizes for m in MLX_MODES.values()},
+        unavailable=MLX_GPU_ONLY,
+    ),
     "bitnet": BackendInfo(
         name="bitnet",
         module="bitsweep.backends.bitnet:BitnetBackend",
@@ -166,6 +274,13 @@ def backend_info(name: str) -> BackendInfo:
         return BACKENDS[name]
     except KeyError:
         raise unknown("backend", name, BACKENDS) from None
+
+
+def mlx_mode(name: str) -> MLXMode:
+    try:
+        return MLX_MODES[name.upper()]
+    except KeyError:
+        raise unknown("MLX mode", name, MLX_MODES) from None
 
 
 def llamacpp_type(name: str) -> LlamaCppType:

@@ -138,6 +138,17 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class ReportConfig:
+    """What ``results/<experiment>/report/`` holds besides the tables and plots.
+
+    ``screenshot``: a headless-Chromium PNG of the MLflow UI's run comparison (``mlflow_compare.png``).
+    None: taken when chromium is installed, else skipped with a message; True: required; False: never.
+    """
+
+    screenshot: bool | None = None
+
+
+@dataclass(frozen=True)
 class SchemeConfig:
     """One quantization scheme = one Hydra option in ``configs/quant/<backend>/<name>.yaml``.
 
@@ -183,11 +194,14 @@ class ExperimentConfig:
     tracking: TrackingConfig
     backends: dict[str, dict[str, Any]]
     schemes: dict[str, dict[str, SchemeConfig]]
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     def __post_init__(self) -> None:
         _check_name("experiment", self.name)
         if not any(self.schemes.values()):
             raise ConfigError(f"experiment {self.name!r} sweeps no scheme (set sweep.<backend>: [schemes])")
+        if self.report.screenshot and not self.tracking.enabled:
+            raise ConfigError("report.screenshot=true shows the sweep's MLflow runs: it needs tracking on")
 
     def check_paths(self) -> None:
         """Files the experiment names must exist before any job runs (the workflow calls this)."""
@@ -338,7 +352,7 @@ def _merge_option(config_dir: Path, group: str, option: str, delta: dict | None)
 
 
 def experiment_from_dict(full: dict[str, Any]) -> ExperimentConfig:
-    unexpected = set(full) - {"name", "model", "eval", "tracking", "sweep", "backends", "quant"}
+    unexpected = set(full) - {"name", "model", "eval", "tracking", "report", "sweep", "backends", "quant"}
     if unexpected:
         raise ConfigError(f"unknown top-level config keys {sorted(unexpected)}")
     schemes: dict[str, dict[str, SchemeConfig]] = {}
@@ -354,6 +368,7 @@ def experiment_from_dict(full: dict[str, Any]) -> ExperimentConfig:
         model=from_dict(ModelConfig, full.get("model"), "model"),
         eval=from_dict(EvalConfig, full.get("eval") or {}, "eval"),
         tracking=from_dict(TrackingConfig, full.get("tracking") or {}, "tracking"),
+        report=from_dict(ReportConfig, full.get("report") or {}, "report"),
         backends=full.get("backends") or {},
         schemes=schemes,
     )
@@ -369,6 +384,7 @@ __all__ = [
     "EvalConfig",
     "ExperimentConfig",
     "ModelConfig",
+    "ReportConfig",
     "SchemeConfig",
     "SourceConfig",
     "SpeedConfig",

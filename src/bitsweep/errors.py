@@ -21,6 +21,10 @@ class ComparabilityError(BitsweepError):
     """A runner would not be scored on the same tokens or reference as the others."""
 
 
+class ScreenshotError(BitsweepError):
+    """The MLflow UI screenshot cannot be taken (no chromium, the UI did not start or did not render)."""
+
+
 def unknown(kind: str, name: object, known: Iterable[str]) -> ConfigError:
     """``unknown backend 'onnx'; known: llamacpp, mlx``: the one shape of every 'no such thing' error."""
     return ConfigError(f"unknown {kind} {name!r}; known: {', '.join(sorted(known)) or '(none)'}")

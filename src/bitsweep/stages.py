@@ -87,20 +87,46 @@ def convert_to_gguf(model_dir: Path, out: Path, outtype: str) -> None:
 def convert_to_openvino(model: ModelConfig, model_dir: Path, windows_path: Path, out: Path) -> dict[str, Any]:
     """HF -> stateful fp32 IR; records the IR's max |logit - torch logit| on the first evaluation window."""
     from bitsweep.backends.openvino import OpenVINORunner, export_openvino
-    from bitsweep.backends.torch_ref import TorchRunner
 
     verify_manifest(model_dir)
     export_openvino(model_dir, out, model.trust_remote_code)
+    return check_conversion(model, model_dir, windows_path, lambda: OpenVINORunner(out, threads=2), out)
+
+
+def convert_to_onnx(model: ModelConfig, model_dir: Path, windows_path: Path, out: Path) -> dict[str, Any]:
+    """HF -> ONNX (KV cache in/out, fp32); records max |logit - torch logit| on the first evaluation window."""
+    from bitsweep.backends.onnx import OnnxRunner, export_onnx
+
+    verify_manifest(model_dir)
+    export_onnx(model_dir, out, model.trust_remote_code)
+    return check_conversion(model, model_dir, windows_path, lambda: OnnxRunner(out, threads=2), out)
+
+
+def convert_to_mlx(
+    model: ModelConfig, model_dir: Path, windows_path: Path, out: Path, dtype: str = "float32"
+) -> dict[str, Any]:
+    """HF -> MLX (mlx-lm's converter, ``dtype``); records max |logit - torch logit| on the first window."""
+    from bitsweep.backends.mlx import MLXRunner, export_mlx
+
+    verify_manifest(model_dir)
+    export_mlx(model_dir, out, dtype, model.trust_remote_code)
+    return check_conversion(model, model_dir, windows_path, lambda: MLXRunner(out, threads=2), out)
+
+
+def check_conversion(model: ModelConfig, model_dir: Path, windows_path: Path, make_runner, out: Path) -> dict:
+    """A converted full-precision model must agree with torch: max |logit diff| on window 0 -> conversion.json."""
+    from bitsweep.backends.torch_ref import TorchRunner
+
     ids = Windows.load(windows_path).ids[0]
     torch_logits = TorchRunner(model_dir, threads=2, trust_remote_code=model.trust_remote_code).logits(ids)
-    runner = OpenVINORunner(out, threads=2)
-    check = {
-        "max_abs_logit_diff_vs_torch": float(abs(runner.logits(ids) - torch_logits).max()),
-        "tokens": len(ids),
-    }
-    runner.close()
+    runner = make_runner()
+    try:
+        check = {"max_abs_logit_diff_vs_torch": float(abs(runner.logits(ids) - torch_logits).max()),
+                 "tokens": len(ids)}  # fmt: skip
+    finally:
+        runner.close()
     write_json(out / "conversion.json", check)
-    log.info("OpenVINO IR vs torch on window 0: max |diff| %.2e", check["max_abs_logit_diff_vs_torch"])
+    log.info("%s vs torch on window 0: max |diff| %.2e", out.name, check["max_abs_logit_diff_vs_torch"])
     return check
 
 
@@ -148,6 +174,15 @@ def evaluate_variant(
     return result
 
 
+def profile_on_aihub(artifact_dir: Path, settings: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Qualcomm AI Hub compile + profile of one QNN variant (or its 'skipped' record without a token)."""
+    from bitsweep.backends.qnn import profile_on_aihub as run
+
+    record = run(artifact_dir, settings)
+    write_json(out, record)
+    return record
+
+
 def init_tracking(tracking: TrackingConfig, experiment: str, out: Path) -> dict[str, Any]:
     from bitsweep.tracking import init_tracking as run
 
@@ -155,11 +190,23 @@ def init_tracking(tracking: TrackingConfig, experiment: str, out: Path) -> dict[
 
 
 def log_variant(
-    tracking: Path, result: Path, params: dict[str, Any], out: Path, logs: list[Path] = ()
+    tracking: Path,
+    result: Path,
+    params: dict[str, Any],
+    out: Path,
+    logs: list[Path] = (),
+    device_profile: Path | None = None,
 ) -> dict:
     from bitsweep.tracking import log_variant as run
 
-    return run(tracking, result, list(logs), params, out)
+    return run(tracking, result, list(logs), params, out, device_profile)
+
+
+def screenshot_mlflow(tracking: Path, out: Path) -> dict[str, Any]:
+    """PNG of the MLflow UI's run comparison for the sweep in ``tracking`` (headless Chromium)."""
+    from bitsweep.screenshot import screenshot_mlflow as run
+
+    return run(tracking, out)
 
 
 def aggregate_results(results: list[Path], out_dir: Path) -> None:

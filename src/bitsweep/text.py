@@ -136,3 +136,16 @@ def tokenize_windows(model_dir: str | Path, text_path: str | Path, n_ctx: int, n
         tokenizer=type(tokenizer).__name__,
         decoded_sha256=tuple(hashlib.sha256(d).hexdigest() for d in decoded),
     )
+
+
+def calibration_windows(
+    tokenizer_dir: str | Path, text_path: str | Path, n_ctx: int, n_samples: int
+) -> np.ndarray:
+    """Up to ``n_samples`` windows of ``n_ctx`` tokens of the calibration text (never the evaluation text)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = tokenizer(Path(text_path).read_text(), add_special_tokens=False, split_special_tokens=True)[
+        "input_ids"
+    ]
+    return make_windows(ids, n_ctx, min(n_samples, len(ids) // n_ctx))

@@ -102,9 +102,18 @@ def init_tracking(cfg: TrackingConfig, experiment: str, out: Path) -> dict[str, 
 
 
 def log_variant(
-    tracking: Path, result: Path, logs: list[Path], params: dict[str, Any], out: Path
+    tracking: Path,
+    result: Path,
+    logs: list[Path],
+    params: dict[str, Any],
+    out: Path,
+    device_profile: Path | None = None,
 ) -> dict[str, Any]:
-    """One child run for one evaluated variant; an earlier run of the same variant in this sweep is replaced."""
+    """One child run for one evaluated variant; an earlier run of the same variant in this sweep is replaced.
+
+    ``device_profile``: an on-device record (Qualcomm AI Hub) whose metrics are logged as ``aihub.*`` and
+    whose job ids/links and status become ``aihub.*`` tags.
+    """
     info = read_json(tracking)
     if not info.get("enabled"):
         write_json(out, {"enabled": False})
@@ -134,6 +143,12 @@ def log_variant(
         flat = flatten({"scheme": data["scheme"], "bits": data["bits"], **params})
         _log_params(client, run_id, flat)
         metrics = {k: float(v) for k, v in data["metrics"].items() if isinstance(v, (int, float))}
+        if device_profile is not None:
+            profile = read_json(device_profile)
+            metrics |= {f"aihub.{k}": float(v) for k, v in (profile.get("metrics") or {}).items()}
+            for key, value in profile.items():
+                if key != "metrics":
+                    client.set_tag(run_id, f"aihub.{key}", str(value)[:5000])
         _log_metrics(client, run_id, metrics)
         client.log_artifact(run_id, str(result))
         for path in logs:

@@ -83,14 +83,12 @@ def ir_summary(xml: str | Path) -> dict[str, Any]:
 def calibration_dataset(tokenizer_dir: Path, text: Path, n_ctx: int, n_samples: int):
     """NNCF dataset of stateful-model inputs cut from the calibration text (never the evaluation text)."""
     import nncf
-    from transformers import AutoTokenizer
 
-    from bitsweep.text import make_windows
+    from bitsweep.text import calibration_windows
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    ids = tokenizer(text.read_text(), add_special_tokens=False, split_special_tokens=True)["input_ids"]
-    windows = make_windows(ids, n_ctx, min(n_samples, len(ids) // n_ctx))
-    return nncf.Dataset([stateful_inputs(w) for w in windows])
+    return nncf.Dataset(
+        [stateful_inputs(w) for w in calibration_windows(tokenizer_dir, text, n_ctx, n_samples)]
+    )
 
 
 class _Capture(logging.Handler):
