@@ -25,11 +25,7 @@ try:
         str(config.get("experiment", "default")),
         list(config.get("overrides") or []),
     )
-    EXP.check_paths()
-    if "qnn" in EXP.schemes:  # no token with on_missing_token=fail: one line, before any job
-        from bitsweep.backends.qnn import check_aihub
-
-        AIHUB = check_aihub(EXP.backends["qnn"])
+    EXP.check_environment(f"results/{EXP.name}")
 except BitsweepError as err:
     raise WorkflowError(f"bitsweep: {err}") from None
 
@@ -168,7 +164,9 @@ def report_after_failure():
 
 
 def aihub_enabled():
-    return "qnn" in EXP.schemes and AIHUB.enabled
+    from bitsweep.backends.qnn import AiHubConfig
+
+    return "qnn" in EXP.schemes and AiHubConfig.from_settings(EXP.backends["qnn"]).enabled
 
 
 def get_device_profile(wildcards):

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from bitsweep.capabilities import BACKENDS, LLAMACPP_TYPES
@@ -149,3 +151,57 @@ def test_malformed_yaml_is_one_clear_error(tmp_path, path, text):
     with pytest.raises(ConfigError) as err:
         load_experiment(tmp_path / "configs", experiment)
     assert path.split("/")[-1] in str(err.value) and "\n" not in str(err.value)
+
+
+def _bad_inputs(tmp_path, monkeypatch):
+    """The kinds of bad input issue 7 lists, each as (what, call that must fail, expected message)."""
+    from bitsweep.text import make_windows
+
+    broken = tmp_path / "configs"
+    if not broken.exists():
+        import shutil
+
+        shutil.copytree(CONFIGS, broken)
+        (broken / "experiment" / "broken.yaml").write_text("name: broken\nsweep: {llamacpp: [q8_0\n")
+    (tmp_path / "results").write_text("a file where the results folder should be")
+    monkeypatch.delenv("QAIHUB_API_TOKEN", raising=False)
+    monkeypatch.setenv("QAIHUB_CLIENT_INI", str(tmp_path / "no-client.ini"))
+    smoke = load_experiment(CONFIGS, "smoke")
+    return [
+        ("unknown backend", lambda: load_experiment(CONFIGS, "smoke", ["+sweep.tensorrt=[int8]"]),
+         "unknown backend 'tensorrt'; known: bitnet, llamacpp, mlx, olive, onnxruntime, openvino, qnn"),
+        ("unknown scheme", lambda: load_experiment(CONFIGS, "smoke", ["sweep.olive=[rtn_int3]"]),
+         "unknown olive scheme 'rtn_int3'; known: fp32, hqq_int4_g64"),
+        ("unknown model", lambda: load_experiment(CONFIGS, "smoke", ["model=llama-9000"]),
+         "unknown model 'llama-9000'; known: bitnet-b1.58-2b-4t"),
+        ("bits a backend lacks", lambda: load_experiment(CONFIGS, "smoke", ["+quant.onnxruntime.int4_g32_sym.bits=3",
+                                                                             "+quant.onnxruntime.int4_g32_sym.options.format=BLOCK_INT3"]),
+         "backend 'onnxruntime' cannot quantize to 3 bits \\(scheme onnxruntime/int4_g32_sym\\); it supports: 2, 4, 8, 32"),
+        ("malformed YAML", lambda: load_experiment(broken, "broken"), "cannot compose the configuration"),
+        ("missing model files", lambda: load_experiment(CONFIGS, "smoke", ["model.source.kind=local",
+                                                                            f"+model.source.path={tmp_path}/none"]).check_paths(),
+         "model.source.path: " + str(tmp_path / "none") + " does not exist"),
+        ("eval text too short", lambda: make_windows(list(range(100)), 512, 8),
+         "eval text has 100 tokens: too short for one window of n_ctx=512"),
+        ("non-writable output dir", lambda: smoke.check_environment(tmp_path / "results" / "smoke"),
+         "results folder .*results/smoke cannot be written"),
+        ("unknown MLflow URI scheme", lambda: load_experiment(CONFIGS, "smoke", ["tracking.uri=mongodb://db/x"]),
+         "unknown MLflow tracking URI scheme 'mongodb'; known: file, http, https, mysql, postgresql, sqlite"),
+        ("AI Hub with no token", lambda: load_experiment(CONFIGS, "smoke", ["+backends.qnn.aihub.enabled=true"]
+                                                          ).check_environment(tmp_path / "ok"),
+         "Qualcomm AI Hub is enabled but no API token is configured: set \\$QAIHUB_API_TOKEN"),
+        ("a group size MLX lacks", lambda: load_experiment(CONFIGS, "smoke", ["+quant.mlx.mxfp4.options.group_size=64"]),
+         "mode MXFP4 takes group_size 32; config says 64"),
+    ]  # fmt: skip
+
+
+def test_ten_kinds_of_bad_input_each_give_one_clear_line(tmp_path, monkeypatch):
+    """Every kind fails with one line naming what is wrong (and what is known) before any job could start.
+    Corrupt GGUF files are a run-time fault of that job alone: tests/test_llamacpp.py."""
+    cases = _bad_inputs(tmp_path, monkeypatch)
+    assert len(cases) >= 10
+    for what, call, message in cases:
+        with pytest.raises(ConfigError) as err:
+            call()
+        assert "\n" not in str(err.value), what
+        assert re.search(message, str(err.value)), (what, str(err.value))

@@ -28,13 +28,17 @@ SECRETS = {"HF_TOKEN": "hf_bitsweepTestSecret0123456789", "QAIHUB_API_TOKEN": "q
 # which follows every re-logged variant.
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SCREENSHOT = {"screenshot_mlflow": "1"} if CHROMIUM else {}
+# Overrides that leave only llama.cpp in the smoke sweep (the short SLURM run).
+ONLY_LLAMACPP = [f"sweep.{b}=[]" for b in ("openvino", "bitnet", "onnxruntime", "olive", "qnn", "mlx")]
 
 
-def snakemake(workdir: Path, *args: str, config: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def snakemake(
+    workdir: Path, *args: str, config: tuple[str, ...] = (), secrets: dict[str, str] = SECRETS
+) -> subprocess.CompletedProcess:
     cmd = [str(Path(sys.executable).parent / "snakemake"), *args, "--config", "experiment=smoke", *config]
     # MLflow's set_tracking_uri exports MLFLOW_TRACKING_URI to this process's environment; tests in the same
     # session must not send the workflow to their stores.
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, **SECRETS}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, **secrets}
     return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, check=False, env=env)
 
 
@@ -198,10 +202,21 @@ def test_changing_one_scheme_reruns_only_that_variant(sweep):
     assert "results/smoke/quantized/smollm2-135m/llamacpp/q2_k" in out
 
 
-def test_bad_input_stops_before_any_job(sweep):
-    proc = snakemake(sweep, "--dry-run", config=('overrides=["sweep.llamacpp=[q4_k_m,q9_k]"]',))
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ('["sweep.llamacpp=[q4_k_m,q9_k]"]', "unknown llamacpp scheme 'q9_k'; known: f16, iq1_m"),
+        ('["+backends.qnn.aihub.enabled=true"]', "Qualcomm AI Hub is enabled but no API token is configured"),
+        ('["name=blocked"]', "results folder results/blocked cannot be written"),
+    ],
+)
+def test_bad_input_stops_before_any_job(sweep, overrides, message):
+    (sweep / "results" / "blocked").write_text("a file where the results folder should be")
+    no_aihub_token = {"HF_TOKEN": SECRETS["HF_TOKEN"], "QAIHUB_CLIENT_INI": str(sweep / "no-client.ini")}
+    proc = snakemake(sweep, "--dry-run", config=(f"overrides={overrides}",), secrets=no_aihub_token)
     assert proc.returncode != 0
-    assert "unknown llamacpp scheme 'q9_k'; known: f16, iq1_m" in proc.stderr + proc.stdout
+    assert f"bitsweep: {message}" in proc.stderr + proc.stdout
+    assert SECRETS["HF_TOKEN"] not in proc.stderr + proc.stdout
 
 
 @pytest.mark.slurm
@@ -223,7 +238,7 @@ def test_slurm_run_matches_the_local_run(sweep, tmp_path):
             "profiles/slurm-local",
             "--config",
             "experiment=smoke",
-            'overrides=["sweep.llamacpp=[q8_0]","sweep.openvino=[]","sweep.bitnet=[]","report.screenshot=false"]',
+            "overrides=" + json.dumps(["sweep.llamacpp=[q8_0]", *ONLY_LLAMACPP, "report.screenshot=false"]),
         ]
         proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, check=False)  # fmt: skip
         out = proc.stdout + proc.stderr

@@ -203,8 +203,18 @@ class ExperimentConfig:
         if self.report.screenshot and not self.tracking.enabled:
             raise ConfigError("report.screenshot=true shows the sweep's MLflow runs: it needs tracking on")
 
+    def check_environment(self, results_dir: str | Path) -> None:
+        """What must hold on this machine before any job runs (the workflow calls this): the files the
+        experiment names exist, its results folder can be written, and an enabled AI Hub has a token."""
+        self.check_paths()
+        check_writable(Path(results_dir))
+        if "qnn" in self.backends:
+            from bitsweep.backends.qnn import check_aihub
+
+            check_aihub(self.backends["qnn"])
+
     def check_paths(self) -> None:
-        """Files the experiment names must exist before any job runs (the workflow calls this)."""
+        """Files the experiment names must exist before any job runs."""
         named = {"model.source.path": self.model.source.path if self.model.source.kind == "local" else None,
                  "eval.text.path": self.eval.text.path, "eval.text.calib_path": self.eval.text.calib_path}  # fmt: skip
         for key, path in named.items():
@@ -221,6 +231,18 @@ class ExperimentConfig:
         if name not in by_name:
             raise unknown(f"{backend} scheme in this sweep", name, by_name)
         return by_name[name]
+
+
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` and a file in it, or fail with one line (a permission check alone misleads root)."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise ConfigError(f"results folder {folder} cannot be written: {err.strerror or err}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------

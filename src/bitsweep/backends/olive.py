@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 from bitsweep.backends.base import Artifact, QuantizeRequest
 from bitsweep.backends.onnx import (
     MODEL_ONNX,
-    OnnxRunner,
+    OnnxModelBackend,
     finish_artifact,
     prepared_source,
     save_model,
@@ -84,14 +84,13 @@ def restore_output_names(model, source) -> dict[str, str]:
     return renamed
 
 
-class OliveBackend:
+class OliveBackend(OnnxModelBackend):
     name: ClassVar[str] = "olive"
 
     def versions(self) -> dict[str, str]:
         import olive
-        import onnxruntime
 
-        return {"olive-ai": olive.__version__, "onnxruntime": onnxruntime.__version__}
+        return {"olive-ai": olive.__version__, **super().versions()}
 
     def quantize(self, request: QuantizeRequest) -> Artifact:
         from olive.workflows import run as olive_run
@@ -127,6 +126,3 @@ class OliveBackend:
             path.unlink()
         extra = {"olive_passes": passes, "renamed_outputs": renamed}
         return finish_artifact(request, self.name, self.versions(), fmt, seconds, extra)
-
-    def load(self, artifact: Artifact, threads: int, n_ctx: int = 512) -> OnnxRunner:
-        return OnnxRunner(artifact.path, threads)

@@ -311,14 +311,21 @@ def quantize_blockwise(src: Path, out: Path, fmt: str, options: dict[str, Any]) 
     save_model(quantizer.model.model, out)
 
 
-class OnnxRuntimeBackend:
-    name: ClassVar[str] = "onnxruntime"
+class OnnxModelBackend:
+    """What every backend producing an ONNX model shares: ONNX Runtime runs it (onnxruntime, olive, qnn)."""
 
     def versions(self) -> dict[str, str]:
         import onnx
         import onnxruntime
 
         return {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__}
+
+    def load(self, artifact: Artifact, threads: int, n_ctx: int = 512) -> OnnxRunner:
+        return OnnxRunner(artifact.path, threads)
+
+
+class OnnxRuntimeBackend(OnnxModelBackend):
+    name: ClassVar[str] = "onnxruntime"
 
     def quantize(self, request: QuantizeRequest) -> Artifact:
         options = request.scheme.options
@@ -337,9 +344,6 @@ class OnnxRuntimeBackend:
             quantize_blockwise(src, out_model, fmt, options)
         seconds = time.perf_counter() - started
         return finish_artifact(request, self.name, self.versions(), fmt, seconds, {"float_nodes": excluded})
-
-    def load(self, artifact: Artifact, threads: int, n_ctx: int = 512) -> OnnxRunner:
-        return OnnxRunner(artifact.path, threads)
 
 
 def _load(path: Path):

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 from bitsweep.backends.base import Artifact, QuantizeRequest
 from bitsweep.backends.onnx import (
     MODEL_ONNX,
-    OnnxRunner,
+    OnnxModelBackend,
     attention_mask_nodes,
     calibration_for,
     finish_artifact,
@@ -48,14 +48,8 @@ QNN_TYPES: dict[str, tuple[str, str]] = {
 QNN_OPSET = 21  # 16-bit QuantizeLinear/DequantizeLinear and int4 weights
 
 
-class QnnBackend:
+class QnnBackend(OnnxModelBackend):
     name: ClassVar[str] = "qnn"
-
-    def versions(self) -> dict[str, str]:
-        import onnx
-        import onnxruntime
-
-        return {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__}
 
     def quantize(self, request: QuantizeRequest) -> Artifact:
         import onnx
@@ -94,9 +88,6 @@ class QnnBackend:
                  "finite_mask_constants": replaced}  # fmt: skip
         return finish_artifact(request, self.name, self.versions(), fmt, seconds, extra)
 
-    def load(self, artifact: Artifact, threads: int, n_ctx: int = 512) -> OnnxRunner:
-        return OnnxRunner(artifact.path, threads)
-
 
 def finite_mask_fill(model) -> int:
     """Replace -inf constants (the causal mask's fill value) by float32's lowest finite value, in place.
@@ -107,6 +98,7 @@ def finite_mask_fill(model) -> int:
     the lowest finite value, which HTP can also represent. Returns how many constants were replaced.
     """
     import numpy as np
+    import onnx
     from onnx import numpy_helper
 
     lowest = np.finfo(np.float32).min
@@ -115,19 +107,13 @@ def finite_mask_fill(model) -> int:
         if node.op_type != "Constant":
             continue
         for attr in node.attribute:
-            if attr.name == "value" and attr.t.data_type == onnx_float():
+            if attr.name == "value" and attr.t.data_type == onnx.TensorProto.FLOAT:
                 value = numpy_helper.to_array(attr.t)
                 if np.isneginf(value).any():
                     attr.t.CopyFrom(numpy_helper.from_array(np.where(np.isneginf(value), lowest, value).astype(
                         np.float32), attr.t.name))  # fmt: skip
                     replaced += 1
     return replaced
-
-
-def onnx_float() -> int:
-    import onnx
-
-    return onnx.TensorProto.FLOAT
 
 
 # ---------------------------------------------------------------------------------------------------------
