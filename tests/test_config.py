@@ -171,7 +171,7 @@ def _bad_inputs(tmp_path, monkeypatch):
         ("unknown backend", lambda: load_experiment(CONFIGS, "smoke", ["+sweep.tensorrt=[int8]"]),
          "unknown backend 'tensorrt'; known: bitnet, llamacpp, mlx, olive, onnxruntime, openvino, qnn"),
         ("unknown scheme", lambda: load_experiment(CONFIGS, "smoke", ["sweep.olive=[rtn_int3]"]),
-         "unknown olive scheme 'rtn_int3'; known: fp32, hqq_int4_g64"),
+         "unknown olive scheme 'rtn_int3'; known: fp32, int8_dynamic"),
         ("unknown model", lambda: load_experiment(CONFIGS, "smoke", ["model=llama-9000"]),
          "unknown model 'llama-9000'; known: bitnet-b1.58-2b-4t"),
         ("bits a backend lacks", lambda: load_experiment(CONFIGS, "smoke", ["+quant.onnxruntime.int4_g32_sym.bits=3",

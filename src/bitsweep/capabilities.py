@@ -141,8 +141,11 @@ ORT_FORMATS: dict[str, int] = {
 ORT_OPTIONS = frozenset({"format", "block_size", "symmetric", "accuracy_level", "op_types", "per_channel",
                          "weight_type", "activation_type", "calibrate_method", "exclude", "dataset"})  # fmt: skip
 
-# Olive passes (backend olive), named by what they make. Olive runs its own graph optimisation first.
-OLIVE_FORMATS: dict[str, int] = {"NONE": 32, "DYNAMIC_INT8": 8, "RTN_INT8": 8, "RTN_INT4": 4, "HQQ_INT4": 4}
+# Olive passes (backend olive), named by what they make. Olive runs its own graph optimisation first. Not
+# offered: Olive 0.13's OnnxHqqQuantization, whose output on our export keeps every float weight beside the
+# 4-bit ones (702 MB) and destroys the model (SmolLM2: KLD 66) where onnxruntime's own HQQ quantizer on the same
+# graph gives KLD 0.31 (backend onnxruntime, HQQ_INT4).
+OLIVE_FORMATS: dict[str, int] = {"NONE": 32, "DYNAMIC_INT8": 8, "RTN_INT8": 8, "RTN_INT4": 4}
 
 # Qualcomm QNN QDQ configurations (onnxruntime's QNN helpers): weight bits x activation bits. The bit class is
 # the weights'; 16-bit activations need opset 21.

@@ -40,8 +40,6 @@ def quantization_pass(fmt: str, options: dict[str, Any]) -> dict[str, Any]:
         return {"type": "OnnxBlockWiseRtnQuantization", "bits": int(fmt[-1]),
                 "block_size": int(options.get("block_size", 128)),
                 "is_symmetric": bool(options.get("symmetric", True))}  # fmt: skip
-    if fmt == "HQQ_INT4":
-        return {"type": "OnnxHqqQuantization", "block_size": int(options.get("block_size", 128))}
     raise ValueError(f"no Olive pass for format {fmt!r}")
 
 
