@@ -20,6 +20,18 @@ from bitsweep.config import SchemeConfig
 from bitsweep.manifest import read_json, write_json
 
 ARTIFACT_JSON = "artifact.json"
+# What a quantized folder needs beside its weights so transformers can rebuild its config and tokenizer.
+HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")  # fmt: skip
+
+
+def copy_side_files(src: Path, out: Path) -> None:
+    """Copy the HF config and tokenizer files ``src`` has into ``out``."""
+    import shutil
+
+    for name in HF_SIDE_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, out / name)
 
 
 @dataclass

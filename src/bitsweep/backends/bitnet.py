@@ -21,14 +21,13 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bitsweep.backends.base import Artifact, QuantizeRequest, base_meta
+from bitsweep.backends.base import Artifact, QuantizeRequest, base_meta, copy_side_files
 from bitsweep.backends.torch_ref import TorchRunner
 from bitsweep.errors import ConfigError, unknown
 
@@ -41,8 +40,6 @@ PACKED_JSON = "packed.json"
 # the packed GEMM beats fp32 sgemm ~2x at 8 tokens and loses at 32 (0.55-0.85x).
 DEQUANT_BATCH = 16
 MODEL_FILE = "model.safetensors"
-COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-          "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")  # fmt: skip
 
 
 def scheme_settings(options: dict[str, Any]) -> dict[str, Any]:
@@ -157,9 +154,7 @@ class BitnetBackend:
         out = Path(request.out)
         out.mkdir(parents=True, exist_ok=True)
         _save(packed, kept, out)
-        for name in COPIED:
-            if (src / name).is_file():
-                shutil.copy2(src / name, out / name)
+        copy_side_files(src, out)
         packed_params = sum(pm.n_rows * pm.k for pm in packed.values())
         n_params = sum(a.size for a in kept.values()) + packed_params
         packed_bytes = sum(pm.nbytes for pm in packed.values())

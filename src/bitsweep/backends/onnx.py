@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -27,13 +26,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from bitsweep.backends.base import Artifact, QuantizeRequest, base_meta
+from bitsweep.backends.base import Artifact, QuantizeRequest, base_meta, copy_side_files
 
 log = logging.getLogger(__name__)
 
 MODEL_ONNX = "model.onnx"
-TOKENIZER_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json", "chat_template.jinja")  # fmt: skip
 # Ops that show a graph is really quantized (the summary counts them).
 QUANT_OPS = ("MatMulNBits", "GatherBlockQuantized", "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
              "MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "QGemm")  # fmt: skip
@@ -44,12 +41,6 @@ def export_onnx(model_dir: str | Path, out: str | Path, trust_remote_code: bool 
 
     main_export(str(model_dir), str(out), task="text-generation-with-past", device="cpu",
                 trust_remote_code=trust_remote_code)  # fmt: skip
-
-
-def copy_tokenizer(src: Path, out: Path) -> None:
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, out / name)
 
 
 def save_model(model, path: Path) -> None:
@@ -331,11 +322,17 @@ class OnnxRuntimeBackend(OnnxModelBackend):
         options = request.scheme.options
         fmt = str(options["format"]).upper()
         request.out.mkdir(parents=True, exist_ok=True)
-        src, out_model = prepared_source(request.src / MODEL_ONNX, request.out), request.out / MODEL_ONNX
+        out_model = request.out / MODEL_ONNX
+        # NONE: the export as is (its tied LM head); the quantizers read the untied copy
+        src = (
+            request.src / MODEL_ONNX
+            if fmt == "NONE"
+            else prepared_source(request.src / MODEL_ONNX, request.out)
+        )
         excluded: list[str] = []
         started = time.perf_counter()
-        if fmt == "NONE":  # the export as is: its tied LM head, no prepared copy
-            save_model(_load(request.src / MODEL_ONNX), out_model)
+        if fmt == "NONE":
+            save_model(_load(src), out_model)
         elif fmt == "DYNAMIC_INT8":
             quantize_dynamic_int8(src, out_model, options)
         elif fmt == "QDQ_INT8":
@@ -366,7 +363,7 @@ def finish_artifact(
     """Copy the tokenizer, measure what the model file stores and write the artifact sidecar."""
     for scratch in request.out.glob("_source.onnx*"):
         scratch.unlink()
-    copy_tokenizer(request.src, request.out)
+    copy_side_files(request.src, request.out)
     meta = base_meta(request, backend, versions)
     meta.update(model_file=MODEL_ONNX, format=fmt, quantize_seconds=seconds,
                 applied={**applied_meta(request.src / MODEL_ONNX, request.out / MODEL_ONNX), **extra})  # fmt: skip

@@ -12,7 +12,6 @@ logits [1, n, V]. The CPU plugin infers in bf16 on CPUs with AMX unless told f32
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -20,13 +19,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from bitsweep.backends.base import Artifact, QuantizeRequest, base_meta
+from bitsweep.backends.base import Artifact, QuantizeRequest, base_meta, copy_side_files
 
 log = logging.getLogger(__name__)
 
 MODEL_XML = "openvino_model.xml"
-HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json", "chat_template.jinja")  # fmt: skip
 
 
 def export_openvino(model_dir: str | Path, out: str | Path, trust_remote_code: bool = False) -> None:
@@ -162,9 +159,7 @@ class OpenVINOBackend:
             logging.getLogger("nncf").removeHandler(capture)
         seconds = time.perf_counter() - started
         ov.save_model(model, str(request.out / MODEL_XML), compress_to_fp16=False)
-        for name in HF_SIDE_FILES:
-            if (request.src / name).is_file():
-                shutil.copy2(request.src / name, request.out / name)
+        copy_side_files(request.src, request.out)
         summary = ir_summary(request.out / MODEL_XML)
         n_params = ir_summary(request.src / MODEL_XML)["elements_by_type"].get("f32", 0)
         bin_bytes = (request.out / "openvino_model.bin").stat().st_size
