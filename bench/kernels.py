@@ -136,17 +136,19 @@ def bench_model(model_dir: Path, repeats: int, threads: int) -> dict:
     activations, our kernels) against the same model in torch fp32, interleaved, best of ``repeats``."""
     import tempfile
 
-    from bitsweep.backends.base import QuantizeRequest
-    from bitsweep.backends.bitnet import BitnetBackend, BitnetRunner
+    from bitsweep.backends import QuantizeRequest, backend_info, get_quantizer
+    from bitsweep.backends.bitnet.runner import Runner as BitnetRunner
     from bitsweep.backends.torch_ref import TorchRunner
     from bitsweep.config import SchemeConfig
 
     scheme = SchemeConfig("bitnet", "tq2_0", 2, {"format": "tq2_0", "scale": "absmean", "act": "int8"})
+    settings = backend_info("bitnet").parse_settings({})
     with tempfile.TemporaryDirectory() as tmp:
-        artifact = BitnetBackend().quantize(QuantizeRequest(model_dir, scheme, {}, Path(tmp) / "tq2_0"))
+        request = QuantizeRequest(model_dir, scheme, settings, Path(tmp) / "tq2_0", threads=threads)
+        artifact = get_quantizer("bitnet").quantize(request)
         runners = {
             "torch_fp32": TorchRunner(model_dir, threads),
-            "bitnet_tq2_0": BitnetRunner(artifact.path, threads),
+            "bitnet_tq2_0": BitnetRunner(artifact.path, threads, 512),
         }
         prompt = np.arange(100, 164)
         n_new = 32

@@ -1,16 +1,23 @@
 # All Python helpers of the workflow: the composed experiment, the sweep grid, input/param functions.
-# The logic itself lives in src/bitsweep; nothing here runs a framework.
+# The logic itself lives in src/bitsweep; nothing here runs a framework or names a backend: what a backend reads,
+# whether it has a calibration step or a device profiler, all come from its capability data (bitsweep.backends).
 #
 # `snakemake --lint` asks for a conda environment or container per rule: every rule runs in the project's one
 # pinned environment (.venv, built by scripts/install.sh from requirements/lock.txt, with llama.cpp compiled for
 # the host CPU), which a conda package of llama.cpp could not reproduce. That lint is accepted.
+#
+# Params carry exactly what changes a job's output (so a change re-runs what it affects and nothing else):
+# threads and mem_mb are resources, eval.speed and eval.top_k reach only evaluations.
 import os
 import sys
 from pathlib import Path
 
-from bitsweep.capabilities import backend_info
-from bitsweep.config import load_experiment, to_json
+from bitsweep.backends import backend_info
+from bitsweep.backends.base import output_settings
+from bitsweep.config import load_experiment
 from bitsweep.errors import BitsweepError
+from bitsweep.preflight import check_before_run
+from bitsweep.typed import to_json
 
 envvars:
     "PATH",
@@ -25,19 +32,28 @@ try:
         str(config.get("experiment", "default")),
         list(config.get("overrides") or []),
     )
-    EXP.check_environment(f"results/{EXP.name}")
+    check_before_run(EXP, f"results/{EXP.name}")
 except BitsweepError as err:
     raise WorkflowError(f"bitsweep: {err}") from None
 
 MODEL = EXP.model.name
 OUT = f"results/{EXP.name}"
+LOGS = f"{OUT}/logs"
+BENCH = f"{OUT}/benchmarks"
 VARIANTS = EXP.variants()
+CONVERSIONS = EXP.conversions()  # format name -> (FormatInfo, conversion options)
+CALIB_TEXT = f"data/text/{EXP.eval.text.source}/calib.txt"
 
 
 wildcard_constraints:
     model=MODEL,
     backend="|".join(EXP.schemes),
     scheme="|".join(v.name for v in VARIANTS),
+    format="|".join(CONVERSIONS) or "(?!)",
+
+
+def info(backend):
+    return backend_info(backend)
 
 
 def scheme_of(wildcards):
@@ -54,6 +70,10 @@ def evaluated_results():
 
 def all_results():
     return [f"{OUT}/evaluated/{MODEL}/reference/fp32.json", *evaluated_results()]
+
+
+def conversion_checks():
+    return [f"{OUT}/converted/{MODEL}/{fmt}.check.json" for fmt in CONVERSIONS]
 
 
 def tracking_outputs():
@@ -84,43 +104,49 @@ def screenshot_outputs():
 
 
 def converted_model(backend):
-    """The converted format a backend's quantizer reads (capability table: source_format)."""
-    fmt = backend_info(backend).source_format
-    if fmt == "gguf":
-        outtype = EXP.backends[backend].get("convert_outtype", "f32")
-        return f"{OUT}/converted/{MODEL}/gguf/model-{outtype}.gguf"
-    if fmt in ("openvino", "onnx", "mlx"):
-        return f"{OUT}/converted/{MODEL}/{fmt}"
-    if fmt == "hf":  # the downloaded HF folder itself (bitnet packs its safetensors directly)
-        return f"data/models/{MODEL}"
-    raise WorkflowError(f"no conversion rule for format {fmt!r} (backend {backend!r})")
+    """The converted format a backend's quantizer reads (its capability data: source_format)."""
+    fmt = info(backend).source_format
+    return f"{OUT}/converted/{MODEL}/{fmt.name}" if fmt.converter else f"data/models/{MODEL}"
 
 
-CALIB_TEXT = f"data/text/{EXP.eval.text.source}/calib.txt"
+def convert_options(wildcards):
+    return to_json(CONVERSIONS[wildcards.format][1])
+
+
+def convert_mem_mb(wildcards):
+    return CONVERSIONS[wildcards.format][0].mem_mb
+
+
+def calibrated_backends():
+    return [b for b in EXP.swept_backends() if info(b).calibration_step]
 
 
 def get_quantize_input(wildcards):
-    """The converted model, plus what a data-aware scheme reads: llama.cpp's imatrix or the calibration text."""
+    """The converted model, plus what a data-aware scheme reads: the backend's calibration step's output (llama.cpp's
+    importance matrix) or the calibration text."""
     scheme = scheme_of(wildcards)
     inputs = {"src": converted_model(scheme.backend)}
-    if scheme.needs_calibration and scheme.backend == "llamacpp":
-        inputs["imatrix"] = f"{OUT}/imatrix/{MODEL}/llamacpp.gguf"
-    elif scheme.needs_calibration:
-        inputs["calib"] = CALIB_TEXT
+    if scheme.needs_calibration:
+        calibrated = info(scheme.backend).calibration_step
+        inputs["calibration"] = f"{OUT}/calibration/{MODEL}/{scheme.backend}" if calibrated else CALIB_TEXT
     return inputs
 
 
 def calibration_args(wildcards, input):
-    if "imatrix" in input.keys():
-        return f"--imatrix {input.imatrix}"
-    if "calib" in input.keys():
-        return f"--calib-text {input.calib}"
-    return ""
+    return f"--calibration {input.calibration}" if "calibration" in input.keys() else ""
 
 
-def quantize_mem_mb(wildcards):
-    """A backend's memory for quantization (backends.<backend>.mem_mb), so the scheduler can pack jobs."""
-    return int(EXP.backends[wildcards.backend].get("mem_mb", 4000))
+def settings_of(backend):
+    return EXP.backends[backend]
+
+
+def backend_threads(wildcards):
+    return settings_of(wildcards.backend).threads
+
+
+def backend_mem_mb(wildcards):
+    """A backend's memory for its jobs (backends.<backend>.mem_mb), so the scheduler can pack them."""
+    return settings_of(wildcards.backend).mem_mb
 
 
 def get_scheme_json(wildcards):
@@ -128,22 +154,23 @@ def get_scheme_json(wildcards):
 
 
 def get_settings_json(wildcards):
-    return to_json(EXP.backends[wildcards.backend])
+    """The backend's settings that change what its jobs make (resources left out)."""
+    return to_json(output_settings(settings_of(wildcards.backend)))
+
+
+# Evaluations re-run when eval.threads changes (speed depends on it); the stage runs with the rule's {threads}.
+EVAL_JSON = to_json(EXP.eval)
 
 
 def get_run_params(wildcards):
     """What MLflow records as a variant's parameters (flattened there)."""
-    params = {"model": to_json_obj(EXP.model), "eval": to_json_obj(EXP.eval)}
+    import dataclasses
+
+    params = {"model": dataclasses.asdict(EXP.model), "eval": dataclasses.asdict(EXP.eval)}
     if wildcards.backend != "reference":
         scheme = scheme_of(wildcards)
-        params |= {"options": scheme.options, "settings": EXP.backends[scheme.backend]}
+        params |= {"options": scheme.options, "settings": output_settings(settings_of(scheme.backend))}
     return to_json(params)
-
-
-def to_json_obj(obj):
-    import json
-
-    return json.loads(to_json(obj))
 
 
 def output_dir(wildcards, output):
@@ -163,23 +190,21 @@ def report_after_failure():
         print(f"bitsweep: {len(failed)} variant(s) failed or did not run; report of the rest: {OUT}/report/results.md")
 
 
-def aihub_enabled():
-    from bitsweep.backends.qnn import AiHubConfig
-
-    return "qnn" in EXP.schemes and AiHubConfig.from_settings(EXP.backends["qnn"]).enabled
+def profiled_backends():
+    return [b for b in EXP.swept_backends() if info(b).device_profile_enabled(settings_of(b))]
 
 
 def get_device_profile(wildcards):
-    """The AI Hub record of a QNN variant when AI Hub is enabled (logged to MLflow beside local metrics)."""
-    if wildcards.backend == "qnn" and aihub_enabled():
-        return [f"{OUT}/aihub/{MODEL}/qnn/{wildcards.scheme}.json"]
+    """A variant's hosted-device record when its backend profiles on a device (QNN: AI Hub), for MLflow."""
+    if wildcards.backend in profiled_backends():
+        return [f"{OUT}/device/{MODEL}/{wildcards.backend}/{wildcards.scheme}.json"]
     return []
 
 
 def variant_logs(wildcards):
     if wildcards.backend == "reference":
-        return [f"logs/evaluate/{MODEL}/reference/fp32.log"]
+        return [f"{LOGS}/evaluate/{MODEL}/reference/fp32.log"]
     return [
-        f"logs/quantize/{MODEL}/{wildcards.backend}/{wildcards.scheme}.log",
-        f"logs/evaluate/{MODEL}/{wildcards.backend}/{wildcards.scheme}.log",
+        f"{LOGS}/quantize/{MODEL}/{wildcards.backend}/{wildcards.scheme}.log",
+        f"{LOGS}/evaluate/{MODEL}/{wildcards.backend}/{wildcards.scheme}.log",
     ]

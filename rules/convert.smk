@@ -1,77 +1,42 @@
-rule convert_to_gguf:
+# One conversion rule for every format (gguf, openvino, onnx, mlx): the converter comes from the format's
+# FormatInfo. Its check against torch is a separate job, so the converted model depends on the model alone.
+
+
+rule convert:
     input:
         "data/models/{model}",
     output:
-        f"{OUT}/converted/{{model}}/gguf/model-{{outtype}}.gguf",
+        directory(f"{OUT}/converted/{{model}}/{{format}}"),
     log:
-        f"logs/convert_to_gguf/{{model}}/{{outtype}}.log",
+        f"{LOGS}/convert/{{model}}/{{format}}.log",
     benchmark:
-        f"benchmarks/convert_to_gguf/{{model}}/{{outtype}}.tsv"
-    wildcard_constraints:
-        outtype="f32|f16|bf16",
-    resources:
-        mem_mb=4000,
-    shell:
-        "python scripts/run_stage.py convert_to_gguf --model-dir {input:q} --out {output:q} --outtype {wildcards.outtype}"
-        " > {log:q} 2>&1"
-
-
-rule convert_to_openvino:
-    input:
-        model="data/models/{model}",
-        windows=f"{OUT}/windows/{{model}}.npz",
-    output:
-        directory(f"{OUT}/converted/{{model}}/openvino"),
-    log:
-        "logs/convert_to_openvino/{model}.log",
-    benchmark:
-        "benchmarks/convert_to_openvino/{model}.tsv"
+        f"{BENCH}/convert/{{model}}/{{format}}.tsv"
     params:
         model=to_json(EXP.model),
+        options=convert_options,
     threads: 2
     resources:
-        mem_mb=6000,
+        mem_mb=convert_mem_mb,
     shell:
-        "python scripts/run_stage.py convert_to_openvino --model {params.model:q} --model-dir {input.model:q}"
-        " --windows-path {input.windows:q} --out {output:q} > {log:q} 2>&1"
+        "python scripts/run_stage.py convert --format {wildcards.format} --model {params.model:q}"
+        " --model-dir {input:q} --out {output:q} --options {params.options:q} > {log:q} 2>&1"
 
 
-rule convert_to_onnx:
+rule check_conversion:
     input:
         model="data/models/{model}",
+        converted=f"{OUT}/converted/{{model}}/{{format}}",
         windows=f"{OUT}/windows/{{model}}.npz",
     output:
-        directory(f"{OUT}/converted/{{model}}/onnx"),
+        f"{OUT}/converted/{{model}}/{{format}}.check.json",
     log:
-        "logs/convert_to_onnx/{model}.log",
-    benchmark:
-        "benchmarks/convert_to_onnx/{model}.tsv"
+        f"{LOGS}/check_conversion/{{model}}/{{format}}.log",
     params:
         model=to_json(EXP.model),
-    threads: 2
+    threads: EXP.eval.threads
     resources:
-        mem_mb=6000,
+        mem_mb=convert_mem_mb,
     shell:
-        "python scripts/run_stage.py convert_to_onnx --model {params.model:q} --model-dir {input.model:q}"
-        " --windows-path {input.windows:q} --out {output:q} > {log:q} 2>&1"
-
-
-rule convert_to_mlx:
-    input:
-        model="data/models/{model}",
-        windows=f"{OUT}/windows/{{model}}.npz",
-    output:
-        directory(f"{OUT}/converted/{{model}}/mlx"),
-    log:
-        "logs/convert_to_mlx/{model}.log",
-    benchmark:
-        "benchmarks/convert_to_mlx/{model}.tsv"
-    params:
-        model=to_json(EXP.model),
-        dtype=EXP.backends.get("mlx", {}).get("convert_dtype", "float32"),
-    threads: 2
-    resources:
-        mem_mb=4000,
-    shell:
-        "python scripts/run_stage.py convert_to_mlx --model {params.model:q} --model-dir {input.model:q}"
-        " --windows-path {input.windows:q} --out {output:q} --dtype {params.dtype} > {log:q} 2>&1"
+        "python scripts/run_stage.py check_conversion --format {wildcards.format} --model {params.model:q}"
+        " --model-dir {input.model:q} --converted {input.converted:q} --windows-path {input.windows:q}"
+        " --out {output:q} --threads {threads} > {log:q} 2>&1"

@@ -2,9 +2,9 @@ rule download_model:
     output:
         directory("data/models/{model}"),
     log:
-        "logs/download_model/{model}.log",
+        f"{LOGS}/download_model/{{model}}.log",
     benchmark:
-        "benchmarks/download_model/{model}.tsv"
+        f"{BENCH}/download_model/{{model}}.tsv"
     params:
         model=to_json(EXP.model),
     shell:
@@ -17,7 +17,7 @@ rule prepare_text:
         calib="data/text/{corpus}/calib.txt",
         info="data/text/{corpus}/info.json",
     log:
-        "logs/prepare_text/{corpus}.log",
+        f"{LOGS}/prepare_text/{{corpus}}.log",
     params:
         text=to_json(EXP.eval.text),
     shell:

@@ -9,12 +9,13 @@ rule tokenize_eval:
     output:
         f"{OUT}/windows/{{model}}.npz",
     log:
-        "logs/tokenize_eval/{model}.log",
+        f"{LOGS}/tokenize_eval/{{model}}.log",
     params:
-        eval=to_json(EXP.eval),
+        n_ctx=EXP.eval.n_ctx,
+        n_windows=EXP.eval.n_windows,
     shell:
-        "python scripts/run_stage.py tokenize_eval --model-dir {input.model:q} --eval-text {input.text:q} --cfg {params.eval:q}"
-        " --out {output:q} > {log:q} 2>&1"
+        "python scripts/run_stage.py tokenize_eval --model-dir {input.model:q} --eval-text {input.text:q}"
+        " --n-ctx {params.n_ctx} --n-windows {params.n_windows} --out {output:q} > {log:q} 2>&1"
 
 
 rule evaluate_reference:
@@ -25,12 +26,12 @@ rule evaluate_reference:
         result=f"{OUT}/evaluated/{{model}}/reference/fp32.json",
         logits=f"{OUT}/reference/{{model}}/topk_logprobs.npz",
     log:
-        "logs/evaluate/{model}/reference/fp32.log",
+        f"{LOGS}/evaluate/{{model}}/reference/fp32.log",
     benchmark:
-        "benchmarks/evaluate/{model}/reference/fp32.tsv"
+        f"{BENCH}/evaluate/{{model}}/reference/fp32.tsv"
     params:
         model=to_json(EXP.model),
-        eval=to_json(EXP.eval),
+        eval=EVAL_JSON,
     threads: EXP.eval.threads
     resources:
         timing=1,
@@ -38,7 +39,7 @@ rule evaluate_reference:
     shell:
         "python scripts/run_stage.py evaluate_reference --model {params.model:q} --model-dir {input.model:q}"
         " --windows-path {input.windows:q} --cfg {params.eval:q} --out-json {output.result:q}"
-        " --out-logits {output.logits:q} > {log:q} 2>&1"
+        " --out-logits {output.logits:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule evaluate:
@@ -49,11 +50,11 @@ rule evaluate:
     output:
         f"{OUT}/evaluated/{{model}}/{{backend}}/{{scheme}}.json",
     log:
-        "logs/evaluate/{model}/{backend}/{scheme}.log",
+        f"{LOGS}/evaluate/{{model}}/{{backend}}/{{scheme}}.log",
     benchmark:
-        "benchmarks/evaluate/{model}/{backend}/{scheme}.tsv"
+        f"{BENCH}/evaluate/{{model}}/{{backend}}/{{scheme}}.tsv"
     params:
-        eval=to_json(EXP.eval),
+        eval=EVAL_JSON,
     threads: EXP.eval.threads
     resources:
         timing=1,
@@ -61,19 +62,20 @@ rule evaluate:
     shell:
         "python scripts/run_stage.py evaluate_variant --model {wildcards.model} --artifact-dir {input.artifact:q}"
         " --windows-path {input.windows:q} --reference-path {input.reference:q} --cfg {params.eval:q}"
-        " --out-json {output:q} > {log:q} 2>&1"
+        " --out-json {output:q} --threads {threads} > {log:q} 2>&1"
 
 
-# Qualcomm AI Hub (backends.qnn.aihub.enabled): compile + profile each QNN variant on a hosted device.
-rule profile_on_aihub:
+# A backend's hosted-device profile of each variant, when its settings enable one (QNN: Qualcomm AI Hub
+# compile + profile, backends.qnn.aihub.enabled).
+rule profile_on_device:
     input:
-        artifact=f"{OUT}/quantized/{{model}}/qnn/{{scheme}}",
+        artifact=f"{OUT}/quantized/{{model}}/{{backend}}/{{scheme}}",
     output:
-        f"{OUT}/aihub/{{model}}/qnn/{{scheme}}.json",
+        f"{OUT}/device/{{model}}/{{backend}}/{{scheme}}.json",
     log:
-        "logs/profile_on_aihub/{model}/qnn/{scheme}.log",
+        f"{LOGS}/profile_on_device/{{model}}/{{backend}}/{{scheme}}.log",
     params:
-        settings=to_json(EXP.backends.get("qnn", {})),
+        settings=get_settings_json,
     shell:
-        "python scripts/run_stage.py profile_on_aihub --artifact-dir {input.artifact:q} --settings {params.settings:q}"
-        " --out {output:q} > {log:q} 2>&1"
+        "python scripts/run_stage.py profile_on_device --backend {wildcards.backend} --artifact-dir {input.artifact:q}"
+        " --settings {params.settings:q} --out {output:q} > {log:q} 2>&1"

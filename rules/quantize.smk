@@ -1,19 +1,26 @@
-rule compute_imatrix:
+# A backend with a calibration step of its own (capability data: calibration_step; llama.cpp's importance
+# matrix) computes it once per model from the calibration text; its data-aware schemes read it.
+rule prepare_calibration:
     input:
-        model=converted_model("llamacpp") if "llamacpp" in EXP.schemes else [],
+        src=lambda wildcards: converted_model(wildcards.backend),
         calib=CALIB_TEXT,
     output:
-        f"{OUT}/imatrix/{{model}}/llamacpp.gguf",
+        directory(f"{OUT}/calibration/{{model}}/{{backend}}"),
     log:
-        "logs/compute_imatrix/{model}/llamacpp.log",
+        f"{LOGS}/prepare_calibration/{{model}}/{{backend}}.log",
     benchmark:
-        "benchmarks/compute_imatrix/{model}/llamacpp.tsv"
+        f"{BENCH}/prepare_calibration/{{model}}/{{backend}}.tsv"
+    wildcard_constraints:
+        backend="|".join(calibrated_backends()) or "(?!)",
     params:
-        settings=to_json(EXP.backends.get("llamacpp", {})),
-    threads: EXP.backends.get("llamacpp", {}).get("threads", 2)
+        settings=get_settings_json,
+    threads: backend_threads
+    resources:
+        mem_mb=backend_mem_mb,
     shell:
-        "python scripts/run_stage.py compute_imatrix --model {input.model:q} --calib-text {input.calib:q} --out {output:q}"
-        " --settings {params.settings:q} > {log:q} 2>&1"
+        "python scripts/run_stage.py prepare_calibration --backend {wildcards.backend} --src {input.src:q}"
+        " --calib-text {input.calib:q} --settings {params.settings:q} --out {output:q} --threads {threads}"
+        " > {log:q} 2>&1"
 
 
 rule quantize:
@@ -22,16 +29,16 @@ rule quantize:
     output:
         directory(f"{OUT}/quantized/{{model}}/{{backend}}/{{scheme}}"),
     log:
-        "logs/quantize/{model}/{backend}/{scheme}.log",
+        f"{LOGS}/quantize/{{model}}/{{backend}}/{{scheme}}.log",
     benchmark:
-        "benchmarks/quantize/{model}/{backend}/{scheme}.tsv"
+        f"{BENCH}/quantize/{{model}}/{{backend}}/{{scheme}}.tsv"
     params:
         scheme=get_scheme_json,
         settings=get_settings_json,
         calibration=calibration_args,
-    threads: 2
+    threads: backend_threads
     resources:
-        mem_mb=quantize_mem_mb,
+        mem_mb=backend_mem_mb,
     shell:
         "python scripts/run_stage.py quantize --src {input.src:q} --scheme {params.scheme:q} --settings {params.settings:q}"
-        " --out {output:q} {params.calibration} > {log:q} 2>&1"
+        " --out {output:q} --threads {threads} {params.calibration} > {log:q} 2>&1"

@@ -1,6 +1,7 @@
 rule aggregate_results:
     input:
-        all_results(),
+        results=all_results(),
+        checks=conversion_checks(),  # not read: the conversions' agreement with torch is part of a finished sweep
     output:
         report(f"{OUT}/report/results.csv", category="Tables"),
         report(f"{OUT}/report/results.md", category="Tables"),
@@ -8,11 +9,11 @@ rule aggregate_results:
         report(f"{OUT}/report/ppl_vs_bpw.png", category="Plots", caption="../report/ppl_vs_bpw.rst"),
         report(f"{OUT}/report/speed_vs_size.png", category="Plots", caption="../report/speed_vs_size.rst"),
     log:
-        "logs/aggregate_results.log",
+        f"{LOGS}/aggregate_results.log",
     params:
         out_dir=output_dir,
     shell:
-        "python scripts/run_stage.py aggregate_results --results {input:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        "python scripts/run_stage.py aggregate_results --results {input.results:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
 # Also waits for the report (not read): it runs last, so a failed screenshot holds back no result or report.
@@ -24,7 +25,7 @@ rule screenshot_mlflow:
     output:
         report(f"{OUT}/report/mlflow_compare.png", category="MLflow", caption="../report/mlflow_compare.rst"),
     log:
-        "logs/screenshot_mlflow.log",
+        f"{LOGS}/screenshot_mlflow.log",
     shell:
         "python scripts/run_stage.py screenshot_mlflow --tracking {input.tracking:q} --out {output:q} > {log:q} 2>&1"
 

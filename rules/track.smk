@@ -6,7 +6,7 @@ rule init_tracking:
     output:
         f"{OUT}/tracking/sweep.json",
     log:
-        "logs/init_tracking.log",
+        f"{LOGS}/init_tracking.log",
     params:
         tracking=to_json(EXP.tracking),
         experiment=EXP.name,
@@ -24,7 +24,7 @@ rule log_variant:
     output:
         f"{OUT}/tracking/{{model}}/{{backend}}/{{scheme}}.json",
     log:
-        "logs/log_variant/{model}/{backend}/{scheme}.log",
+        f"{LOGS}/log_variant/{{model}}/{{backend}}/{{scheme}}.log",
     wildcard_constraints:
         backend="|".join([*EXP.schemes, "reference"]),
         scheme="|".join([*(v.name for v in VARIANTS), "fp32"]),

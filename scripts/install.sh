@@ -116,7 +116,10 @@ main() {
     # other CPU flags) must not be mistaken for ours.
     if ! "$VENV/bin/python" - "$wheel" <<'PY'
 import sys, importlib.metadata as md
-d = md.distribution("llama_cpp_python")
+try:
+    d = md.distribution("llama_cpp_python")
+except md.PackageNotFoundError:
+    sys.exit(1)  # not installed yet (a fresh venv): install it
 sys.exit(0 if (d.read_text("WHEEL_SOURCE") or "").strip() == sys.argv[1] else 1)
 PY
     then

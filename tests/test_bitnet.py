@@ -7,19 +7,21 @@ import json
 import numpy as np
 import pytest
 
-from bitsweep.backends.base import QuantizeRequest
+from bitsweep.backends.bitnet.export import compare_logits, cross_check_llamacpp
+from bitsweep.backends.bitnet.quantize import load_packed
+from bitsweep.backends.bitnet.runner import Runner as BitnetRunner
 from bitsweep.config import SchemeConfig
 from bitsweep.errors import ConfigError
+from bitsweep.kernels.formats import dequantize
+
+from . import helpers
 
 pytestmark = pytest.mark.slow
 torch = pytest.importorskip("torch")
-bitnet = pytest.importorskip("bitsweep.backends.bitnet")
-from bitsweep.kernels.formats import dequantize  # noqa: E402
 
 
 def quantize(model_dir, out, name, bits, **options):
-    scheme = SchemeConfig("bitnet", name, bits, options)
-    return bitnet.BitnetBackend().quantize(QuantizeRequest(model_dir, scheme, {}, out / name))
+    return helpers.quantize("bitnet", model_dir, name, bits, out / name, **options)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,7 @@ def test_artifact_stores_codes_at_the_claimed_width(
     tiny_model_dir, tmp_path, name, bits, options, bytes_per_row
 ):
     artifact = quantize(tiny_model_dir, tmp_path, name, bits, **options)
-    packed, kept, info = bitnet.load_packed(artifact.path)
+    packed, kept, info = load_packed(artifact.path)
     assert len(packed) == 2 * 7 and info["format"] == options["format"]
     for module, pm in packed.items():
         assert pm.qs.dtype == np.uint8 and pm.qs.shape == (pm.n_rows, bytes_per_row(pm.k)), module
@@ -70,7 +72,7 @@ def test_runner_computes_the_dequantized_model(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     artifact = quantize(tiny_model_dir, tmp_path, "int3", 3, format="int3", group_size=256, act="fp32")
-    packed, kept, _ = bitnet.load_packed(artifact.path)
+    packed, kept, _ = load_packed(artifact.path)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     state = model.state_dict()
     for module, pm in packed.items():
@@ -79,7 +81,7 @@ def test_runner_computes_the_dequantized_model(tiny_model_dir, tmp_path):
         kept["model.embed_tokens.weight"].astype(np.float32)
     )
     model.load_state_dict(state)
-    runner = bitnet.BitnetRunner(artifact.path, threads=2)
+    runner = BitnetRunner(artifact.path, threads=2, n_ctx=128)
     ids = np.random.default_rng(0).integers(0, 1000, 100)
     for n in (8, 100):  # below and above DEQUANT_BATCH
         with torch.inference_mode():
@@ -90,10 +92,10 @@ def test_runner_computes_the_dequantized_model(tiny_model_dir, tmp_path):
 
 
 def test_int8_activations_cost_little_on_a_4_bit_model(tiny_model_dir, tmp_path):
-    fp32 = bitnet.BitnetRunner(quantize(tiny_model_dir, tmp_path, "a", 4, format="int4", act="fp32").path, 2)
-    int8 = bitnet.BitnetRunner(quantize(tiny_model_dir, tmp_path, "b", 4, format="int4", act="int8").path, 2)
+    fp32 = BitnetRunner(quantize(tiny_model_dir, tmp_path, "a", 4, format="int4", act="fp32").path, 2)
+    int8 = BitnetRunner(quantize(tiny_model_dir, tmp_path, "b", 4, format="int4", act="int8").path, 2)
     ids = np.random.default_rng(1).integers(0, 1000, 40)
-    stats = bitnet.compare_logits(fp32.logits(ids), int8.logits(ids))
+    stats = compare_logits(fp32.logits(ids), int8.logits(ids))
     assert 0 < stats["kld_mean"] < 1e-3 and stats["top1_agreement"] > 0.9
 
 
@@ -112,7 +114,7 @@ def test_layer_patterns_select_modules(tiny_model_dir, tmp_path):
     artifact = quantize(
         tiny_model_dir, tmp_path, "pat", 2, format="tq2_0", layers=["model.layers.1.mlp.*", "q_proj"]
     )
-    packed, _, _ = bitnet.load_packed(artifact.path)
+    packed, _, _ = load_packed(artifact.path)
     assert sorted(packed) == [
         "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "model.layers.1.mlp.gate_proj",
         "model.layers.1.mlp.up_proj", "model.layers.1.self_attn.q_proj",
@@ -122,13 +124,14 @@ def test_layer_patterns_select_modules(tiny_model_dir, tmp_path):
 @pytest.mark.llamacpp
 def test_gguf_export_is_read_by_llamacpp_as_our_weights(tiny256_dir, tmp_path):
     pytest.importorskip("llama_cpp")
-    from bitsweep.backends.llamacpp import convert_hf_to_gguf, gguf_summary
+    from bitsweep.backends.llamacpp.convert import convert_hf_to_gguf
+    from bitsweep.backends.llamacpp.quantize import gguf_summary
 
     f32 = tmp_path / "model-f32.gguf"
     convert_hf_to_gguf(tiny256_dir, f32, "f32")
     artifact = quantize(tiny256_dir, tmp_path, "tq2_0", 2, format="tq2_0", keep_dtype="float32")
     ids = np.random.default_rng(2).integers(0, 5000, 96)
-    result = bitnet.cross_check_llamacpp(artifact.path, f32, [ids], tmp_path / "ours.gguf")
+    result = cross_check_llamacpp(artifact.path, f32, [ids], tmp_path / "ours.gguf")
     # All seven projections are TQ2_0 (the export re-quantizes llama.cpp's own copy of each source tensor and
     # checks it gives our codes: that proves the name mapping and the Q/K row permutation).
     assert result["export"]["tq_tensors"] == 7 and result["export"]["f32_tensors"] == 0

@@ -4,9 +4,12 @@ import re
 
 import pytest
 
-from bitsweep.capabilities import BACKENDS, LLAMACPP_TYPES
-from bitsweep.config import EvalConfig, SchemeConfig, SourceConfig, TrackingConfig, from_dict, load_experiment
+from bitsweep.backends import REGISTRY, backend_info
+from bitsweep.backends.llamacpp import LLAMACPP_TYPES
+from bitsweep.config import EvalConfig, SchemeConfig, SourceConfig, TrackingConfig, load_experiment
 from bitsweep.errors import ConfigError
+from bitsweep.preflight import check_before_run, check_paths
+from bitsweep.typed import from_dict
 
 from .conftest import CONFIGS
 
@@ -19,16 +22,16 @@ def test_every_experiment_composes_and_validates(experiment):
     assert exp.name == experiment
     assert exp.variants(), "an experiment must sweep something"
     for scheme in exp.variants():
-        assert scheme.backend in BACKENDS
+        assert scheme.backend in REGISTRY
 
 
-@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("backend", sorted(REGISTRY))
 def test_every_scheme_file_is_valid(backend):
     names = sorted(p.stem for p in (CONFIGS / "quant" / backend).glob("*.yaml"))
     exp = load_experiment(CONFIGS, "default", [f"sweep.{backend}=[{','.join(names)}]"])
     schemes = [s for s in exp.variants() if s.backend == backend]
     assert sorted(s.name for s in schemes) == names
-    info = BACKENDS[backend]
+    info = backend_info(backend)
     for scheme in schemes:
         assert info.type_bits[scheme.options[info.type_key].upper()] == scheme.bits
         if backend == "llamacpp" and LLAMACPP_TYPES[scheme.options["type"]].needs_imatrix:
@@ -43,7 +46,7 @@ def test_default_sweep_covers_every_bit_width_from_1_to_8():
 def test_experiment_deltas_and_overrides_apply():
     smoke = load_experiment(CONFIGS, "smoke", ["eval.n_windows=2", "+quant.llamacpp.q2_k.options.pure=true"])
     assert smoke.eval.n_windows == 2
-    assert smoke.backends["llamacpp"]["imatrix"]["chunks"] == 8  # experiment delta over backend/llamacpp.yaml
+    assert smoke.backends["llamacpp"].imatrix.chunks == 8  # experiment delta over the settings' default
     assert smoke.scheme("llamacpp", "q2_k").options == {"type": "Q2_K", "imatrix": False, "pure": True}
 
 
@@ -92,6 +95,28 @@ def test_experiment_deltas_and_overrides_apply():
             "unknown bitnet format 'INT5'; known: BINARY",
         ),
         ("default", ["+quant.bitnet.tq2_0.bits=3"], "format TQ2_0 is 2-bit, config says 3"),
+        (
+            "default",
+            ["+backends.openvino.calibration.n_sampels=8"],
+            "backends.openvino.calibration: unknown keys ['n_sampels']; known: n_ctx, n_samples",
+        ),
+        (
+            "default",
+            ["+backends.openvino.calibration.n_samples=many"],
+            "backends.openvino.calibration.n_samples: expected int, got 'many'",
+        ),
+        (
+            "default",
+            ["+backends.llamacpp.imatrix=32"],
+            "backends.llamacpp.imatrix: expected a mapping, got int",
+        ),
+        ("default", ["+backends.mlx.threads=0"], "threads and mem_mb must be >= 1"),
+        (
+            "default",
+            ["+backends.llamacpp.convert_outtype=q8"],
+            "unknown backends.llamacpp.convert_outtype 'q8'",
+        ),
+        ("default", ["sweep.llamacpp=[q8_0,q4_0,q8_0]"], "sweep.llamacpp lists q8_0 more than once"),
     ],
 )
 def test_bad_input_fails_with_one_clear_message(experiment, overrides, message):
@@ -99,6 +124,26 @@ def test_bad_input_fails_with_one_clear_message(experiment, overrides, message):
         load_experiment(CONFIGS, experiment, overrides)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_a_partial_nested_setting_keeps_the_backends_own_defaults():
+    """qnn's calibration default (512 tokens) is not the Calibration class's (256): overriding n_samples alone,
+    as the smoke experiment does, must keep qnn's n_ctx."""
+    smoke = load_experiment(CONFIGS, "smoke")
+    assert (smoke.backends["qnn"].calibration.n_ctx, smoke.backends["qnn"].calibration.n_samples) == (512, 2)
+    assert smoke.backends["onnxruntime"].calibration.n_ctx == 128
+    assert smoke.backends["openvino"].calibration == type(smoke.backends["openvino"].calibration)(256, 16)
+
+
+def test_resources_never_reach_a_jobs_params():
+    from bitsweep.backends.base import output_settings
+
+    exp = load_experiment(CONFIGS, "smoke", ["+backends.qnn.mem_mb=9000", "+backends.qnn.threads=1"])
+    assert exp.backends["qnn"].mem_mb == 9000 and exp.backends["qnn"].threads == 1
+    assert output_settings(exp.backends["qnn"]) == output_settings(
+        load_experiment(CONFIGS, "smoke").backends["qnn"]
+    )
+    assert "threads" not in output_settings(exp.backends["qnn"])
 
 
 def test_bits_a_backend_lacks_are_rejected():
@@ -129,10 +174,10 @@ def test_missing_files_are_reported_before_any_job(tmp_path):
     exp = load_experiment(CONFIGS, "smoke", ["eval.text.source=file", f"eval.text.path={tmp_path}/e.txt",
                                              f"eval.text.calib_path={tmp_path}/c.txt"])  # fmt: skip
     with pytest.raises(ConfigError, match="eval.text.path: .*e.txt does not exist"):
-        exp.check_paths()
+        check_paths(exp)
     (tmp_path / "e.txt").write_text("x")
     (tmp_path / "c.txt").write_text("y")
-    exp.check_paths()
+    check_paths(exp)
 
 
 @pytest.mark.parametrize(
@@ -178,17 +223,17 @@ def _bad_inputs(tmp_path, monkeypatch):
                                                                              "+quant.onnxruntime.int4_g32_sym.options.format=BLOCK_INT3"]),
          "backend 'onnxruntime' cannot quantize to 3 bits \\(scheme onnxruntime/int4_g32_sym\\); it supports: 2, 4, 8, 32"),
         ("malformed YAML", lambda: load_experiment(broken, "broken"), "cannot compose the configuration"),
-        ("missing model files", lambda: load_experiment(CONFIGS, "smoke", ["model.source.kind=local",
-                                                                            f"+model.source.path={tmp_path}/none"]).check_paths(),
+        ("missing model files", lambda: check_paths(load_experiment(CONFIGS, "smoke", ["model.source.kind=local",
+                                                                            f"+model.source.path={tmp_path}/none"])),
          "model.source.path: " + str(tmp_path / "none") + " does not exist"),
         ("eval text too short", lambda: make_windows(list(range(100)), 512, 8),
          "eval text has 100 tokens: too short for one window of n_ctx=512"),
-        ("non-writable output dir", lambda: smoke.check_environment(tmp_path / "results" / "smoke"),
+        ("non-writable output dir", lambda: check_before_run(smoke, tmp_path / "results" / "smoke"),
          "results folder .*results/smoke cannot be written"),
         ("unknown MLflow URI scheme", lambda: load_experiment(CONFIGS, "smoke", ["tracking.uri=mongodb://db/x"]),
          "unknown MLflow tracking URI scheme 'mongodb'; known: file, http, https, mysql, postgresql, sqlite"),
-        ("AI Hub with no token", lambda: load_experiment(CONFIGS, "smoke", ["+backends.qnn.aihub.enabled=true"]
-                                                          ).check_environment(tmp_path / "ok"),
+        ("AI Hub with no token", lambda: check_before_run(load_experiment(CONFIGS, "smoke", ["+backends.qnn.aihub.enabled=true"]),
+                                                          tmp_path / "ok"),
          "Qualcomm AI Hub is enabled but no API token is configured: set \\$QAIHUB_API_TOKEN"),
         ("a group size MLX lacks", lambda: load_experiment(CONFIGS, "smoke", ["+quant.mlx.mxfp4.options.group_size=64"]),
          "mode MXFP4 takes group_size 32; config says 64"),

@@ -124,6 +124,44 @@ def test_binary_is_sign_times_group_mean():
     np.testing.assert_array_equal(dq, np.where(w.reshape(4, 2, 256) >= 0, mean_abs, -mean_abs))
 
 
+def test_formats_are_classes_registered_by_name():
+    """One class per format (gguf-py's quants.py pattern); its fmt_id is the numba kernels' branch for it."""
+    assert list(FORMATS) == ["tq2_0", "tq1_0", "binary", "int2", "int3", "int4"]
+    for name, fmt in FORMATS.items():
+        assert issubclass(fmt, ref.Format) and fmt.name == name and ref.get_format(name) is fmt
+        assert fmt.sign_scaled is issubclass(fmt, ref.SignScaled) is not issubclass(fmt, ref.Affine)
+    ids = {name: fmt.fmt_id for name, fmt in FORMATS.items()}
+    assert ids == {"tq2_0": ref.FMT_TQ2, "tq1_0": ref.FMT_TQ1, "binary": ref.FMT_BINARY,
+                   "int2": ref.FMT_INT2, "int3": ref.FMT_INT3, "int4": ref.FMT_INT4}  # fmt: skip
+    assert sorted(ids.values()) == list(range(len(FORMATS)))
+    assert {name: qtype.name for name, qtype in GGUF_TYPES.items()} == ref.GGUF_TYPE_NAMES
+    with pytest.raises(TypeError, match="already registered"):
+
+        class Again(ref.Int4, name="int4", fmt_id=99):
+            pass
+
+    assert FORMATS["int4"] is ref.Int4
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_format_class_quantizes_and_dequantizes_blocks(name):
+    """``quantize_blocks`` / ``dequantize_blocks`` on ``(n_rows, n_groups, group)`` blocks are what
+    quantize / dequantize do to whole matrices."""
+    fmt = FORMATS[name]
+    group = fmt.default_group
+    w = weights(6, 2 * group)
+    qs, d, m = fmt.quantize_blocks(w.reshape(6, 2, group))
+    assert qs.shape == (6, 2, fmt.bytes_per_group(group)) and qs.dtype == np.uint8
+    assert (m is None) == fmt.sign_scaled
+    codes = fmt.unpack_codes(qs, group)
+    assert codes.shape == (6, 2, group) and codes.max() < fmt.n_levels
+    np.testing.assert_array_equal(fmt.pack_codes(codes), qs)
+    pm = ref.quantize(w, name)
+    np.testing.assert_array_equal(qs.reshape(6, -1), pm.qs)
+    np.testing.assert_array_equal(d, pm.d)
+    np.testing.assert_array_equal(fmt.dequantize_blocks(qs, d, m, group).reshape(6, -1), ref.dequantize(pm))
+
+
 def test_bits_per_weight():
     assert FORMATS["tq2_0"].bpw(256) == 2.0625
     assert FORMATS["tq1_0"].bpw(256) == 1.6875

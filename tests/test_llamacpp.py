@@ -5,11 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bitsweep.backends import Artifact, QuantizeRequest, get_backend
-from bitsweep.backends.llamacpp import LlamaCppRunner, LlamaCppToolError, gguf_summary
+from bitsweep.backends import Artifact
+from bitsweep.backends.llamacpp.quantize import gguf_summary
+from bitsweep.backends.llamacpp.runner import Runner as LlamaCppRunner
+from bitsweep.backends.llamacpp.tools import LlamaCppToolError
 from bitsweep.backends.torch_ref import TorchRunner
-from bitsweep.config import SchemeConfig
 from bitsweep.metrics import ReferenceTopK, kl_divergence
+
+from . import helpers
 
 pytestmark = [pytest.mark.llamacpp, pytest.mark.slow]
 
@@ -19,9 +22,8 @@ IDS = np.array(
 
 
 def quantize(tiny_gguf, tmp_path, qtype: str, bits: int) -> Artifact:
-    scheme = SchemeConfig("llamacpp", qtype.lower(), bits, {"type": qtype, "imatrix": False})
-    return get_backend("llamacpp").quantize(
-        QuantizeRequest(src=tiny_gguf, scheme=scheme, settings={"threads": 2}, out=tmp_path / qtype)
+    return helpers.quantize(
+        "llamacpp", tiny_gguf, qtype.lower(), bits, tmp_path / qtype, type=qtype, imatrix=False
     )
 
 
@@ -45,7 +47,9 @@ def test_quantized_files_hold_the_types_and_sizes_claimed(tiny_gguf, tmp_path):
     assert 8.0 < q8.meta["applied"]["bpw"] < 9.0
     assert q4.meta["applied"]["bpw"] < q8.meta["applied"]["bpw"]
     assert q4.model_file.stat().st_size < q8.model_file.stat().st_size
-    assert gguf_summary(q8.model_file) == Artifact.load(q8.path).meta["applied"]
+    applied = Artifact.load(q8.path).meta["applied"]
+    assert gguf_summary(q8.model_file) == {k: v for k, v in applied.items() if k not in ("type", "nominal_bpw")}
+    assert (applied["type"], applied["nominal_bpw"]) == ("Q8_0", 8.5)
 
 
 def test_kl_divergence_orders_with_bits(tiny_gguf, tmp_path):
@@ -54,9 +58,7 @@ def test_kl_divergence_orders_with_bits(tiny_gguf, tmp_path):
     ref.close()
     kld = {}
     for qtype, bits in (("Q8_0", 8), ("Q4_0", 4)):
-        runner = get_backend("llamacpp").load(
-            quantize(tiny_gguf, tmp_path, qtype, bits), threads=2, n_ctx=128
-        )
+        runner = helpers.open_runner(quantize(tiny_gguf, tmp_path, qtype, bits), threads=2, n_ctx=128)
         kld[qtype] = kl_divergence(top, runner.logits(IDS)).mean()
         prompt_s, gen_s = runner.generate(IDS[:16], 4)
         assert prompt_s > 0 and gen_s > 0
@@ -67,6 +69,5 @@ def test_kl_divergence_orders_with_bits(tiny_gguf, tmp_path):
 def test_corrupt_gguf_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\0" * 64)
-    scheme = SchemeConfig("llamacpp", "q8_0", 8, {"type": "Q8_0"})
     with pytest.raises(LlamaCppToolError, match="llama-quantize failed with exit code"):
-        get_backend("llamacpp").quantize(QuantizeRequest(bad, scheme, {"threads": 1}, tmp_path / "out"))
+        helpers.quantize("llamacpp", bad, "q8_0", 8, tmp_path / "out", threads=1, type="Q8_0")

@@ -8,14 +8,16 @@ import shutil
 import numpy as np
 import pytest
 
-from bitsweep.backends import Artifact, QuantizeRequest, get_backend
-from bitsweep.backends.mlx import MLXRunner, tensor_shapes
+from bitsweep.backends import Artifact
+from bitsweep.backends.mlx.quantize import tensor_shapes
+from bitsweep.backends.mlx.runner import Runner as MLXRunner
 from bitsweep.backends.torch_ref import TorchRunner
-from bitsweep.config import ModelConfig, SchemeConfig, SourceConfig, load_experiment
+from bitsweep.config import ModelConfig, SourceConfig, load_experiment
 from bitsweep.errors import ConfigError
 from bitsweep.metrics import ReferenceTopK, kl_divergence
 from bitsweep.text import Windows
 
+from . import helpers
 from .conftest import CONFIGS
 
 pytest.importorskip("mlx.core")
@@ -26,14 +28,18 @@ IDS = np.array([504, 3458, 314, 253, 1345, 28, 1097, 2049, 30, 216, 5248, 198, 4
 
 
 def convert(model_dir, tmp_path_factory, name: str):
-    """The workflow's stage: HF -> MLX float32, checked against torch on window 0 (IDS)."""
-    from bitsweep.stages import convert_to_mlx
+    """The workflow's stages: HF -> MLX float32, checked against torch on window 0 (IDS) -> mlx.check.json."""
+    from bitsweep.stages import check_conversion
+    from bitsweep.stages import convert as convert_stage
 
     folder = tmp_path_factory.mktemp(name)
     windows = Windows(IDS[None], text_sha256="-", tokenizer="-", decoded_sha256=("-",))
     windows.save(folder / "windows.npz")
     model = ModelConfig(name="tiny", source=SourceConfig(kind="local", path=str(model_dir)))
-    convert_to_mlx(model, model_dir, folder / "windows.npz", folder / "mlx")
+    convert_stage("mlx", model, model_dir, folder / "mlx", {"dtype": "float32"})
+    check_conversion(
+        "mlx", model, model_dir, folder / "mlx", folder / "windows.npz", folder / "mlx.check.json"
+    )
     return folder / "mlx"
 
 
@@ -52,15 +58,13 @@ def fp_logits(tiny_mlx):
 
 
 def quantize(tiny_mlx, tmp_path, name: str, bits: int, **options) -> Artifact:
-    scheme = SchemeConfig("mlx", name, bits, options)
-    request = QuantizeRequest(src=tiny_mlx, scheme=scheme, settings={"threads": 2}, out=tmp_path / name)
-    return get_backend("mlx").quantize(request)
+    return helpers.quantize("mlx", tiny_mlx, name, bits, tmp_path / name, **options)
 
 
 def test_fp32_mlx_matches_torch_and_generates(tiny_model_dir, tiny_mlx, fp_logits):
     torch_logits = TorchRunner(tiny_model_dir, 2).logits(IDS)
     assert np.abs(fp_logits - torch_logits).max() < 1e-4
-    check = json.loads((tiny_mlx / "conversion.json").read_text())
+    check = json.loads((tiny_mlx.parent / "mlx.check.json").read_text())
     assert check["max_abs_logit_diff_vs_torch"] < 1e-4 and check["tokens"] == len(IDS)
     assert {dtype for dtype, _ in tensor_shapes(tiny_mlx).values()} == {"F32"}
     runner = MLXRunner(tiny_mlx, threads=2)
@@ -149,7 +153,7 @@ def test_kl_divergence_orders_8_below_4_below_2_bits(tiny_mlx, tmp_path, fp_logi
     kld = {}
     for bits in (8, 4, 2):
         artifact = quantize(tiny_mlx, tmp_path, f"affine{bits}", bits, mode=f"AFFINE{bits}", group_size=64)
-        runner = get_backend("mlx").load(artifact, threads=2)
+        runner = helpers.open_runner(artifact)
         try:
             kld[bits] = kl_divergence(top, runner.logits(IDS)).mean()
             if bits == 2:  # generation through MLX's quantized layers and mlx-lm's KV cache
@@ -181,7 +185,7 @@ def test_cells_mlx_cannot_run_are_refused_at_config_time(override, message):
 def test_fp32_scheme_is_the_converted_model(tiny_mlx, tmp_path, fp_logits):
     artifact = quantize(tiny_mlx, tmp_path, "fp32", 32, mode="NONE")
     assert artifact.meta["applied"]["layers_by_bits"] == {} and 31.9 < artifact.meta["applied"]["bpw"] < 32.1
-    runner = get_backend("mlx").load(artifact, threads=2)
+    runner = helpers.open_runner(artifact)
     try:
         assert np.array_equal(runner.logits(IDS), fp_logits)
     finally:

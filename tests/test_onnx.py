@@ -8,12 +8,14 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from bitsweep.backends import QuantizeRequest, get_backend
-from bitsweep.backends.onnx import OnnxRunner, export_onnx
+from bitsweep.backends.onnx_family import OnnxRunner, export_onnx, window_feeds
+from bitsweep.backends.qnn.settings import Settings as QnnSettings
 from bitsweep.backends.torch_ref import TorchRunner
 from bitsweep.config import SchemeConfig
 from bitsweep.errors import ConfigError
 from bitsweep.metrics import ReferenceTopK, kl_divergence
+
+from . import helpers
 
 pytest.importorskip("onnxruntime")
 pytestmark = [pytest.mark.onnx, pytest.mark.slow]
@@ -37,11 +39,9 @@ def calib_text(tmp_path_factory):
 
 
 def quantize(backend, src, tmp_path, name, bits, calib=None, **options):
-    scheme = SchemeConfig(backend, name, bits, options)
-    settings = {"calibration": {"n_ctx": 32, "n_samples": 4}}
-    return get_backend(backend).quantize(
-        QuantizeRequest(src, scheme, settings, tmp_path / name, calib_text=calib)
-    )
+    settings = {} if backend == "olive" else {"calibration": {"n_ctx": 32, "n_samples": 4}}
+    return helpers.quantize(backend, src, name, bits, tmp_path / name, calibration=calib, settings=settings,
+                            **options)  # fmt: skip
 
 
 def kld_vs(reference_dir, artifact) -> float:
@@ -60,8 +60,6 @@ def test_export_matches_torch_and_generates_with_its_kv_cache(tiny_model_dir, ti
     assert np.abs(runner.logits(IDS) - torch_logits).max() < 1e-4
     # The KV-cache path: scoring token by token from the cache gives the window's logits.
     session, names = runner.session, ["logits", *runner.present]
-    from bitsweep.backends.onnx import window_feeds
-
     _, *present = session.run(names, window_feeds(runner.inputs, IDS[:20]))
     past_names = [i.name for i in runner.inputs if i.name.startswith("past_key_values")]
     feeds = {"input_ids": IDS[None, 20:21].astype(np.int64), "attention_mask": np.ones((1, 21), np.int64),
@@ -156,20 +154,23 @@ def no_aihub_token(monkeypatch, tmp_path):
 
 
 def test_aihub_without_a_token_fails_in_one_line_before_any_job(no_aihub_token, tmp_path):
-    from bitsweep.backends.qnn import AiHubError, check_aihub, profile_on_aihub
+    from bitsweep.backends import backend_info
+    from bitsweep.backends.qnn.aihub import AiHubError, check_aihub, profile_on_aihub
 
-    settings = {"aihub": {"enabled": True}}
+    settings = backend_info("qnn").parse_settings({"aihub": {"enabled": True}})
     with pytest.raises(ConfigError, match="no API token is configured: set \\$QAIHUB_API_TOKEN"):
-        check_aihub(settings)
+        backend_info("qnn").preflight(settings)
     with pytest.raises(AiHubError, match="no API token"):
         profile_on_aihub(tmp_path, settings)
-    skipped = profile_on_aihub(tmp_path, {"aihub": {"enabled": True, "on_missing_token": "skip"}})
+    skipped = profile_on_aihub(
+        tmp_path, backend_info("qnn").parse_settings({"aihub": {"enabled": True, "on_missing_token": "skip"}})
+    )
     assert skipped["status"] == "skipped" and "QAIHUB_API_TOKEN" in skipped["reason"]
-    assert check_aihub({}).enabled is False
+    assert check_aihub(QnnSettings().aihub).enabled is False
 
 
 def test_aihub_token_is_found_but_never_returned(monkeypatch, tmp_path):
-    from bitsweep.backends.qnn import aihub_credentials, check_aihub
+    from bitsweep.backends.qnn.aihub import aihub_credentials, check_aihub
 
     ini = tmp_path / "client.ini"
     ini.write_text("[api]\napi_token = SECRET-TOKEN-123\napi_url = https://workbench.aihub.qualcomm.com\n")
@@ -178,13 +179,14 @@ def test_aihub_token_is_found_but_never_returned(monkeypatch, tmp_path):
     assert aihub_credentials() == str(ini)
     monkeypatch.setenv("QAIHUB_API_TOKEN", "SECRET-TOKEN-456")
     assert aihub_credentials() == "env"
-    assert check_aihub({"aihub": {"enabled": True}}).enabled
+    assert check_aihub(QnnSettings().aihub.__class__(enabled=True)).enabled
 
 
 def test_aihub_job_construction(tiny_onnx, tmp_path, calib_text, monkeypatch):
     import qai_hub
 
-    from bitsweep.backends.qnn import AiHubConfig, _client, compile_options, input_specs
+    from bitsweep.backends.qnn.aihub import _client, compile_options, input_specs
+    from bitsweep.backends.qnn.settings import AiHubConfig
 
     artifact = quantize("qnn", tiny_onnx, tmp_path, "w8a8", 8, calib_text, format="W8A8", dataset=True)
     cfg = AiHubConfig(enabled=True, seq_len=16, past_len=48)

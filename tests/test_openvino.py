@@ -5,11 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bitsweep.backends import Artifact, QuantizeRequest, get_backend
-from bitsweep.backends.openvino import OpenVINORunner, export_openvino, ir_summary
+from bitsweep.backends import Artifact
+from bitsweep.backends.openvino.convert import export_openvino
+from bitsweep.backends.openvino.quantize import ir_summary
+from bitsweep.backends.openvino.runner import Runner as OpenVINORunner
 from bitsweep.backends.torch_ref import TorchRunner
-from bitsweep.config import SchemeConfig
 from bitsweep.metrics import ReferenceTopK, kl_divergence
+
+from . import helpers
 
 pytest.importorskip("openvino")
 pytestmark = [pytest.mark.openvino, pytest.mark.slow]
@@ -20,14 +23,12 @@ IDS = np.array([504, 3458, 314, 253, 1345, 28, 1097, 2049, 30, 216, 5248, 198, 4
 @pytest.fixture(scope="module")
 def tiny_ir(tmp_path_factory, tiny_model_dir):
     out = tmp_path_factory.mktemp("tiny-ir")
-    export_openvino(tiny_model_dir, out)
+    export_openvino(tiny_model_dir, out, {})
     return out
 
 
 def compress(tiny_ir, tmp_path, name: str, bits: int, **options) -> Artifact:
-    scheme = SchemeConfig("openvino", name, bits, options)
-    request = QuantizeRequest(src=tiny_ir, scheme=scheme, settings={"threads": 2}, out=tmp_path / name)
-    return get_backend("openvino").quantize(request)
+    return helpers.quantize("openvino", tiny_ir, name, bits, tmp_path / name, **options)
 
 
 def test_fp32_ir_matches_torch(tiny_model_dir, tiny_ir):
@@ -60,7 +61,7 @@ def test_kl_divergence_orders_int8_below_int4(tiny_ir, tmp_path):
     kld = {}
     for name, bits, options in (("int8", 8, {"mode": "INT8_ASYM"}),
                                 ("int4", 4, {"mode": "INT4_SYM", "group_size": 64, "ratio": 1.0})):  # fmt: skip
-        runner = get_backend("openvino").load(compress(tiny_ir, tmp_path, name, bits, **options), threads=2)
+        runner = helpers.open_runner(compress(tiny_ir, tmp_path, name, bits, **options))
         kld[name] = kl_divergence(top, runner.logits(IDS)).mean()
         runner.close()
     assert 0 < kld["int8"] < kld["int4"]

@@ -10,7 +10,7 @@ from bitsweep.config import TrackingConfig
 from bitsweep.manifest import write_json
 from bitsweep.report import aggregate_results
 from bitsweep.screenshot import find_chromium
-from bitsweep.tracking import flatten, init_tracking, log_variant
+from bitsweep.tracking import check_tracking_reachable, flatten, init_tracking, log_variant
 
 
 def result(backend: str, scheme: str, bits: int, ppl: float, kld: float, size: float, bpw: float) -> dict:
@@ -161,6 +161,7 @@ def test_parallel_jobs_log_to_a_tracking_server(tmp_path, results, mlflow_server
 
     from mlflow.tracking import MlflowClient
 
+    check_tracking_reachable(mlflow_server)  # the preflight's probe passes against a real server
     sweep = init_tracking(TrackingConfig(uri=mlflow_server), "served", tmp_path / "sweep.json")
     more = [write_json(tmp_path / f"v{i}.json", {**json.loads(results[1].read_text()), "scheme": f"v{i}"})
             for i in range(6)]  # fmt: skip
@@ -180,6 +181,108 @@ def test_parallel_jobs_log_to_a_tracking_server(tmp_path, results, mlflow_server
     v3 = next(r for r in children if r.info.run_name == "llamacpp/v3")
     assert v3.data.metrics["kld"] == pytest.approx(0.004)
     assert {a.path for a in client.list_artifacts(v3.info.run_id)} >= {"v3.json"}
+
+
+@pytest.fixture
+def health_server():
+    """A tiny HTTP server on 127.0.0.1 that answers GET /health with "OK" (as MLflow's does), 404 elsewhere;
+    yields its base URI and the (path, Authorization header) of each request it got."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[tuple[str, str | None]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append((self.path, self.headers.get("Authorization")))
+            ok = self.path == "/health"
+            self.send_response(200 if ok else 404)
+            self.end_headers()
+            self.wfile.write(b"OK" if ok else b"not found")
+
+        def log_message(self, *args):
+            pass
+
+    with ThreadingHTTPServer(("127.0.0.1", 0), Handler) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+        server.shutdown()
+
+
+def test_a_tracking_server_that_does_not_answer_is_one_line_naming_the_uri():
+    import socket
+    import time
+
+    from bitsweep.errors import ConfigError
+
+    with socket.socket() as sock:  # a port that nothing listens on once the socket is closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    start = time.monotonic()
+    with pytest.raises(ConfigError) as err:
+        check_tracking_reachable(f"http://alice:s3cret@127.0.0.1:{port}")
+    assert time.monotonic() - start < 5
+    message = str(err.value)
+    assert message.startswith(
+        f"MLflow tracking server http://127.0.0.1:{port} does not answer (connection refused);"
+    )
+    assert "tracking=local" in message and "\n" not in message
+    assert "s3cret" not in message and "alice" not in message
+
+
+def test_a_tracking_server_that_accepts_but_never_answers_times_out():
+    import socket
+    import time
+
+    from bitsweep.errors import ConfigError
+
+    with socket.socket() as sock:  # the kernel completes the handshake; nobody reads or writes
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        uri = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        start = time.monotonic()
+        with pytest.raises(ConfigError, match=r"does not answer \(timed out after 0\.5 s\)"):
+            check_tracking_reachable(uri, timeout=0.5)
+        assert time.monotonic() - start < 3
+
+
+def test_a_tracking_server_that_answers_health_passes(health_server):
+    uri, seen = health_server
+    check_tracking_reachable(uri)
+    check_tracking_reachable(uri + "/")
+    assert seen == [("/health", None), ("/health", None)]
+
+
+def test_the_probe_sends_the_credentials_mlflow_would_and_never_shows_them(health_server, monkeypatch):
+    import base64
+
+    from bitsweep.errors import ConfigError
+
+    uri, seen = health_server
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    with_password = uri.replace("http://", "http://alice:s3cret@")
+    check_tracking_reachable(with_password)
+    assert seen[-1] == ("/health", "Basic " + base64.b64encode(b"alice:s3cret").decode())
+    with pytest.raises(ConfigError, match=r"\(HTTP 404 from /health\)") as err:  # not an MLflow server there
+        check_tracking_reachable(with_password + "/mlflow")
+    assert seen[-1][0] == "/mlflow/health"
+    assert f"MLflow tracking server {uri}/mlflow does not answer" in str(err.value)
+    assert "s3cret" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "uri", [None, "sqlite:///mlflow.db", "file:///tmp/mlruns", "postgresql://alice:s3cret@localhost/mlflow"]
+)
+def test_a_tracking_store_that_is_not_a_server_is_not_probed(uri, monkeypatch):
+    import urllib.request
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError(f"probed {uri}")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_probe)
+    check_tracking_reachable(uri)
 
 
 def test_compare_url_is_the_uis_own_route():

@@ -20,8 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bitsweep.config import from_dict
 from bitsweep.errors import BitsweepError
+from bitsweep.manifest import failure_record_path, write_json
+from bitsweep.typed import from_dict
 
 
 def _parser_for(hint: Any) -> Callable[[str], Any]:
@@ -31,6 +32,8 @@ def _parser_for(hint: Any) -> Callable[[str], Any]:
         return lambda text: from_dict(hint, json.loads(text), hint.__name__)
     if hint is dict or typing.get_origin(hint) is dict:
         return json.loads
+    if hint is bool:
+        raise TypeError("stage parameters are never bool: argparse would read 'False' as true")
     return hint  # Path, str, int, float
 
 
@@ -62,11 +65,6 @@ def setup_logging() -> None:
 FAILURE_RECORDED = {"quantize": "out", "evaluate_variant": "out_json", "evaluate_reference": "out_json"}
 
 
-def failure_record_path(output: str | Path) -> Path:
-    output = Path(output)
-    return output.with_name(output.name.removesuffix(".json") + ".failed.json")
-
-
 def run(stage: Callable[..., Any], argv: list[str] | None = None) -> Any:
     """Parse ``argv`` for ``stage`` and call it; a BitsweepError ends the process with its one-line message."""
     setup_logging()
@@ -92,8 +90,6 @@ def run(stage: Callable[..., Any], argv: list[str] | None = None) -> Any:
 def _write_failure(record: Path | None, stage: str, err: BaseException) -> None:
     if not record:
         return
-    from bitsweep.manifest import write_json
-
     message = f"{type(err).__name__}: {err}".strip().splitlines()
     write_json(record, {
         "stage": stage,

@@ -11,17 +11,15 @@ them.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bitsweep.capabilities import BACKENDS, backend_info, llamacpp_type
+from bitsweep.backends import BackendSettings, FormatInfo, backend_info
 from bitsweep.errors import ConfigError, unknown
+from bitsweep.typed import from_dict, to_json
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 
@@ -152,7 +150,8 @@ class ReportConfig:
 class SchemeConfig:
     """One quantization scheme = one Hydra option in ``configs/quant/<backend>/<name>.yaml``.
 
-    ``options`` are backend-specific (for llamacpp: ``type``, ``imatrix``); the backend checks them.
+    ``options`` are backend-specific (for llamacpp: ``type``, ``imatrix``); the backend's capability data
+    (bitsweep.backends.<backend>.INFO) checks them.
     """
 
     backend: str
@@ -163,8 +162,6 @@ class SchemeConfig:
     def __post_init__(self) -> None:
         _check_name("scheme", self.name)
         backend_info(self.backend).check_scheme(self.name, self.bits, self.options)
-        if self.backend == "llamacpp":
-            _check_llamacpp_scheme(self)
 
     @property
     def variant(self) -> str:
@@ -172,18 +169,8 @@ class SchemeConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        """Whether quantization reads the calibration text (importance matrix, data-aware or static methods)."""
-        if self.backend == "llamacpp":
-            return bool(self.options.get("imatrix"))
-        return bool(self.options.get("dataset")) or self.options.get("mode") == "STATIC_INT8"
-
-
-def _check_llamacpp_scheme(scheme: SchemeConfig) -> None:
-    qtype = llamacpp_type(str(scheme.options["type"]))
-    if qtype.needs_imatrix and scheme.options.get("imatrix") is False:
-        raise ConfigError(
-            f"scheme {scheme.variant}: llama.cpp type {qtype.name} requires an importance matrix"
-        )
+        """Whether quantization reads calibration data (importance matrix, data-aware or static methods)."""
+        return backend_info(self.backend).needs_calibration(self.options)
 
 
 @dataclass(frozen=True)
@@ -192,7 +179,7 @@ class ExperimentConfig:
     model: ModelConfig
     eval: EvalConfig
     tracking: TrackingConfig
-    backends: dict[str, dict[str, Any]]
+    backends: dict[str, BackendSettings]  # each backend's typed settings (bitsweep.backends.<name>.settings)
     schemes: dict[str, dict[str, SchemeConfig]]
     report: ReportConfig = field(default_factory=ReportConfig)
 
@@ -202,24 +189,24 @@ class ExperimentConfig:
             raise ConfigError(f"experiment {self.name!r} sweeps no scheme (set sweep.<backend>: [schemes])")
         if self.report.screenshot and not self.tracking.enabled:
             raise ConfigError("report.screenshot=true shows the sweep's MLflow runs: it needs tracking on")
+        self.conversions()  # backends sharing a format must ask the same of its conversion
 
-    def check_environment(self, results_dir: str | Path) -> None:
-        """What must hold on this machine before any job runs (the workflow calls this): the files the
-        experiment names exist, its results folder can be written, and an enabled AI Hub has a token."""
-        self.check_paths()
-        check_writable(Path(results_dir))
-        if "qnn" in self.backends:
-            from bitsweep.backends.qnn import check_aihub
+    def swept_backends(self) -> list[str]:
+        return [backend for backend, by_name in self.schemes.items() if by_name]
 
-            check_aihub(self.backends["qnn"])
-
-    def check_paths(self) -> None:
-        """Files the experiment names must exist before any job runs."""
-        named = {"model.source.path": self.model.source.path if self.model.source.kind == "local" else None,
-                 "eval.text.path": self.eval.text.path, "eval.text.calib_path": self.eval.text.calib_path}  # fmt: skip
-        for key, path in named.items():
-            if path is not None and not Path(path).expanduser().exists():
-                raise ConfigError(f"{key}: {path} does not exist")
+    def conversions(self) -> dict[str, tuple[FormatInfo, dict[str, Any]]]:
+        """Format name -> (format, conversion options) for every converted format the sweep reads."""
+        plan: dict[str, tuple[FormatInfo, dict[str, Any], str]] = {}
+        for backend in self.swept_backends():
+            info = backend_info(backend)
+            fmt, options = info.source_format, info.convert_options(self.backends[backend])
+            if fmt.converter is None:
+                continue
+            if fmt.name in plan and plan[fmt.name][1] != options:
+                raise ConfigError(f"backends {plan[fmt.name][2]} and {backend} read format {fmt.name} converted "
+                                  f"differently ({plan[fmt.name][1]} vs {options}); make their settings agree")  # fmt: skip
+            plan.setdefault(fmt.name, (fmt, options, backend))
+        return {name: (fmt, options) for name, (fmt, options, _) in plan.items()}
 
     def variants(self) -> list[SchemeConfig]:
         return [s for by_name in self.schemes.values() for s in by_name.values()]
@@ -231,58 +218,6 @@ class ExperimentConfig:
         if name not in by_name:
             raise unknown(f"{backend} scheme in this sweep", name, by_name)
         return by_name[name]
-
-
-def check_writable(folder: Path) -> None:
-    """Create ``folder`` and a file in it, or fail with one line (a permission check alone misleads root)."""
-    import tempfile
-
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
-            pass
-    except OSError as err:
-        raise ConfigError(f"results folder {folder} cannot be written: {err.strerror or err}") from None
-
-
-# ---------------------------------------------------------------------------------------------------------
-# dict -> dataclass, with unknown keys reported against the known ones
-
-
-def from_dict(cls: type, data: Any, where: str = "") -> Any:
-    """Build dataclass ``cls`` from plain data, recursing into nested dataclasses and dict values."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    extra = set(data) - set(fields)
-    if extra:
-        raise ConfigError(
-            f"{where or cls.__name__}: unknown keys {sorted(extra)}; known: {', '.join(sorted(fields))}"
-        )
-    kwargs = {key: _convert(hints[key], value, f"{where}.{key}".lstrip(".")) for key, value in data.items()}
-    try:
-        return cls(**kwargs)
-    except TypeError as err:  # a required key is missing
-        raise ConfigError(f"{where or cls.__name__}: {err}") from None
-
-
-def _convert(hint: Any, value: Any, where: str) -> Any:
-    if dataclasses.is_dataclass(hint):
-        return from_dict(hint, value, where)
-    origin = typing.get_origin(hint)
-    if origin in (types.UnionType, typing.Union):
-        if value is None:
-            return None
-        inner = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _convert(inner[0], value, where)
-    if hint in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
-        if hint is int and value != int(value):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return hint(value)
-    if hint in (int, float, str, bool) and not isinstance(value, hint):
-        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
-    return value
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -351,6 +286,11 @@ def load_experiment(
         full["backends"][backend] = _merge_option(config_dir, "backend", backend, backends.get(backend))
         known = _group_options(config_dir, f"quant/{backend}")
         full["quant"][backend] = {}
+        if not isinstance(names, list | type(None)):
+            raise ConfigError(f"sweep.{backend} must be a list of scheme names, got {names!r}")
+        twice = sorted({name for name in names or [] if (names or []).count(name) > 1})
+        if twice:
+            raise ConfigError(f"sweep.{backend} lists {', '.join(twice)} more than once")
         for name in names or []:
             if name not in known:
                 raise unknown(f"{backend} scheme", name, known)
@@ -370,7 +310,7 @@ def _merge_option(config_dir: Path, group: str, option: str, delta: dict | None)
         merged = OmegaConf.merge(OmegaConf.load(path), delta or {})
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: malformed YAML: " + " ".join(str(err).split())) from None
-    return OmegaConf.to_container(merged, resolve=True)  # type: ignore[return-value]
+    return OmegaConf.to_container(merged, resolve=True) or {}  # type: ignore[return-value]
 
 
 def experiment_from_dict(full: dict[str, Any]) -> ExperimentConfig:
@@ -391,18 +331,15 @@ def experiment_from_dict(full: dict[str, Any]) -> ExperimentConfig:
         eval=from_dict(EvalConfig, full.get("eval") or {}, "eval"),
         tracking=from_dict(TrackingConfig, full.get("tracking") or {}, "tracking"),
         report=from_dict(ReportConfig, full.get("report") or {}, "report"),
-        backends=full.get("backends") or {},
+        backends={
+            name: backend_info(name).parse_settings(data)
+            for name, data in (full.get("backends") or {}).items()
+        },
         schemes=schemes,
     )
 
 
-def to_json(obj: Any) -> str:
-    """Stable JSON of a config object: the string Snakemake compares to decide what to re-run."""
-    return json.dumps(dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj, sort_keys=True)
-
-
 __all__ = [
-    "BACKENDS",
     "EvalConfig",
     "ExperimentConfig",
     "ModelConfig",
@@ -416,3 +353,30 @@ __all__ = [
     "load_experiment",
     "to_json",
 ]
+
+
+def main(argv: list[str]) -> int:
+    """``python -m bitsweep.config show [experiment=NAME] [hydra overrides...]``: the composed, checked experiment
+    as JSON (every backend's settings with their defaults filled in)."""
+    import dataclasses
+    import json
+    import sys
+
+    if not argv or argv[0] != "show":
+        print(main.__doc__, file=sys.stderr)
+        return 2
+    experiment = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("experiment=")), "default")
+    overrides = [a for a in argv[1:] if not a.startswith("experiment=")]
+    try:
+        exp = load_experiment(None, experiment, overrides)
+    except ConfigError as err:
+        print(f"bitsweep: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(dataclasses.asdict(exp), indent=2, sort_keys=True, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

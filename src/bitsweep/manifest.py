@@ -61,3 +61,9 @@ def write_json(path: str | Path, data: Any) -> Path:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def failure_record_path(output: str | Path) -> Path:
+    """Where a failing job records what failed and why, beside its output: ``<output>.failed.json``."""
+    output = Path(output)
+    return output.with_name(output.name.removesuffix(".json") + ".failed.json")

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from bitsweep.manifest import read_json
+from bitsweep.manifest import failure_record_path, read_json
 
 COLUMNS = [
     ("backend", "backend", "{}"),
@@ -47,8 +47,6 @@ def variant_outcomes(expected: dict[tuple[str, str], list[Path]]) -> tuple[list[
     beside any of them (``<output>.failed.json``, written when that job fails and removed when it next succeeds:
     bitsweep.cli.run) wins over an older result. A variant with neither did not run: a job it needs failed.
     """
-    from bitsweep.cli import failure_record_path
-
     results, failed = [], []
     for (backend, scheme), outputs in expected.items():
         result = outputs[-1]

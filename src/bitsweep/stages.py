@@ -1,4 +1,5 @@
-"""One function per workflow stage: files in, files out. scripts/*.py call these; tests call them directly."""
+"""One function per workflow stage: files in, files out. scripts/run_stage.py calls these (every rule runs one);
+tests call them directly. No stage knows a backend by name: each asks the backend registry."""
 
 from __future__ import annotations
 
@@ -9,7 +10,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bitsweep.backends import Artifact, QuantizeRequest, get_backend
+from bitsweep.backends import (
+    Artifact,
+    QuantizeRequest,
+    backend_info,
+    format_info,
+    get_quantizer,
+    runner_class,
+)
+from bitsweep.backends.base import load_object
 from bitsweep.config import EvalConfig, ModelConfig, SchemeConfig, TextConfig, TrackingConfig
 from bitsweep.evaluate import ReferenceLogits, comparability, evaluate_runner
 from bitsweep.manifest import verify_manifest, write_json
@@ -28,9 +37,9 @@ def prepare_text(cfg: TextConfig, eval_out: Path, calib_out: Path, info_out: Pat
     write_json(info_out, {"config": asdict(cfg), **write_texts(cfg, eval_out, calib_out)})
 
 
-def tokenize_eval(model_dir: Path, eval_text: Path, cfg: EvalConfig, out: Path) -> None:
+def tokenize_eval(model_dir: Path, eval_text: Path, n_ctx: int, n_windows: int, out: Path) -> None:
     verify_manifest(model_dir)
-    windows = tokenize_windows(model_dir, eval_text, cfg.n_ctx, cfg.n_windows)
+    windows = tokenize_windows(model_dir, eval_text, n_ctx, n_windows)
     windows.save(out)
     log.info("%d windows of %d tokens (sha256 %s)", windows.n_windows, windows.n_ctx, windows.digest[:12])
 
@@ -41,7 +50,13 @@ def _result(model: str, backend: str, scheme: str, bits: int, metrics: dict, ext
 
 
 def evaluate_reference(
-    model: ModelConfig, model_dir: Path, windows_path: Path, cfg: EvalConfig, out_json: Path, out_logits: Path
+    model: ModelConfig,
+    model_dir: Path,
+    windows_path: Path,
+    cfg: EvalConfig,
+    out_json: Path,
+    out_logits: Path,
+    threads: int = 2,
 ) -> dict[str, Any]:
     """The torch fp32 reference: its own scores, and the top-k log-probs every variant is compared to."""
     from bitsweep.backends.torch_ref import TorchRunner
@@ -49,12 +64,13 @@ def evaluate_reference(
     verify_manifest(model_dir)
     windows = Windows.load(windows_path)
     metrics, ref = evaluate_runner(
-        lambda: TorchRunner(model_dir, cfg.threads, model.trust_remote_code), windows, None, cfg, cfg.top_k
-    )
+        lambda: TorchRunner(model_dir, threads, windows.n_ctx, trust_remote_code=model.trust_remote_code),
+        windows, None, cfg, cfg.top_k,
+    )  # fmt: skip
     ref.save(out_logits)
     size = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
     n_params = _hf_param_count(model_dir)
-    metrics |= {"kld": 0.0, "kld_median": 0.0, "kld_p99": 0.0, "kld_max": 0.0, "top1": 1.0,
+    metrics |= {"kld": 0.0, "kld_median": 0.0, "kld_p99": 0.0, "kld_max": 0.0, "top1": 1.0, "threads": threads,
                 "size_bytes": size, "size_mb": size / 2**20, "bpw": 8 * size / n_params}  # fmt: skip
     result = _result(model.name, "reference", "fp32", 32, metrics, {
         "comparability": comparability(windows, out_logits),
@@ -77,93 +93,65 @@ def _hf_param_count(model_dir: Path) -> int:
     return total
 
 
-def convert_to_gguf(model_dir: Path, out: Path, outtype: str) -> None:
-    from bitsweep.backends.llamacpp import convert_hf_to_gguf
-
+def convert(format: str, model: ModelConfig, model_dir: Path, out: Path, options: dict[str, Any]) -> None:
+    """HF -> ``format`` (gguf, onnx, openvino, mlx: the converter of the format's FormatInfo)."""
+    fmt = format_info(format)
     verify_manifest(model_dir)
-    convert_hf_to_gguf(model_dir, out, outtype)
+    out.mkdir(parents=True, exist_ok=True)
+    load_object(fmt.converter)(model_dir, out, options, model.trust_remote_code)
 
 
-def convert_to_openvino(model: ModelConfig, model_dir: Path, windows_path: Path, out: Path) -> dict[str, Any]:
-    """HF -> stateful fp32 IR; records the IR's max |logit - torch logit| on the first evaluation window."""
-    from bitsweep.backends.openvino import OpenVINORunner, export_openvino
-
-    verify_manifest(model_dir)
-    export_openvino(model_dir, out, model.trust_remote_code)
-    return check_conversion(model, model_dir, windows_path, lambda: OpenVINORunner(out, threads=2), out)
-
-
-def convert_to_onnx(model: ModelConfig, model_dir: Path, windows_path: Path, out: Path) -> dict[str, Any]:
-    """HF -> ONNX (KV cache in/out, fp32); records max |logit - torch logit| on the first evaluation window."""
-    from bitsweep.backends.onnx import OnnxRunner, export_onnx
-
-    verify_manifest(model_dir)
-    export_onnx(model_dir, out, model.trust_remote_code)
-    return check_conversion(model, model_dir, windows_path, lambda: OnnxRunner(out, threads=2), out)
-
-
-def convert_to_mlx(
-    model: ModelConfig, model_dir: Path, windows_path: Path, out: Path, dtype: str = "float32"
-) -> dict[str, Any]:
-    """HF -> MLX (mlx-lm's converter, ``dtype``); records max |logit - torch logit| on the first window."""
-    from bitsweep.backends.mlx import MLXRunner, export_mlx
-
-    verify_manifest(model_dir)
-    export_mlx(model_dir, out, dtype, model.trust_remote_code)
-    return check_conversion(model, model_dir, windows_path, lambda: MLXRunner(out, threads=2), out)
-
-
-def check_conversion(model: ModelConfig, model_dir: Path, windows_path: Path, make_runner, out: Path) -> dict:
-    """A converted full-precision model must agree with torch: max |logit diff| on window 0 -> conversion.json."""
+def check_conversion(
+    format: str, model: ModelConfig, model_dir: Path, converted: Path, windows_path: Path, out: Path,
+    threads: int = 2,
+) -> dict[str, Any]:  # fmt: skip
+    """A converted full-precision model must agree with torch: max |logit diff| on the first window."""
     from bitsweep.backends.torch_ref import TorchRunner
 
     ids = Windows.load(windows_path).ids[0]
-    torch_logits = TorchRunner(model_dir, threads=2, trust_remote_code=model.trust_remote_code).logits(ids)
-    runner = make_runner()
-    try:
-        check = {"max_abs_logit_diff_vs_torch": float(abs(runner.logits(ids) - torch_logits).max()),
-                 "tokens": len(ids)}  # fmt: skip
-    finally:
-        runner.close()
-    write_json(out / "conversion.json", check)
-    log.info("%s vs torch on window 0: max |diff| %.2e", out.name, check["max_abs_logit_diff_vs_torch"])
+    with TorchRunner(model_dir, threads, trust_remote_code=model.trust_remote_code) as torch_runner:
+        torch_logits = torch_runner.logits(ids)
+    with load_object(format_info(format).runner)(converted, threads, len(ids)) as runner:
+        diff = float(abs(runner.logits(ids) - torch_logits).max())
+    check = {"format": format, "max_abs_logit_diff_vs_torch": diff, "tokens": len(ids)}
+    write_json(out, check)
+    log.info("%s vs torch on window 0: max |diff| %.2e", converted.name, diff)
     return check
 
 
-def compute_imatrix(model: Path, calib_text: Path, out: Path, settings: dict[str, Any]) -> None:
-    from bitsweep.backends.llamacpp import compute_imatrix as run
-
-    run(model, calib_text, out, settings)
+def prepare_calibration(backend: str, src: Path, calib_text: Path, settings: dict[str, Any], out: Path,
+                        threads: int = 2) -> None:  # fmt: skip
+    """A backend's own calibration artifact (llama.cpp: the importance matrix) from the calibration text."""
+    info = backend_info(backend)
+    info.load("calibrate:calibrate")(src, calib_text, out, info.parse_settings(settings), threads)
 
 
 def quantize(
-    src: Path,
-    scheme: SchemeConfig,
-    settings: dict[str, Any],
-    out: Path,
-    imatrix: Path | None = None,
-    calib_text: Path | None = None,
-) -> Artifact:
-    backend = get_backend(scheme.backend)
-    request = QuantizeRequest(src, scheme, settings, out, imatrix=imatrix, calib_text=calib_text)
-    artifact = backend.quantize(request)
-    log.info("quantized %s: %s", scheme.variant, artifact.meta.get("applied", {}).get("tensor_types"))
+    src: Path, scheme: SchemeConfig, settings: dict[str, Any], out: Path, threads: int = 2,
+    calibration: Path | None = None,
+) -> Artifact:  # fmt: skip
+    info = backend_info(scheme.backend)
+    request = QuantizeRequest(src, scheme, info.parse_settings(settings), out, calibration, threads)
+    artifact = get_quantizer(scheme.backend).quantize(request)
+    log.info("quantized %s in %.1f s", scheme.variant, artifact.meta["quantize_seconds"])
     return artifact
 
 
 def evaluate_variant(
-    model: str, artifact_dir: Path, windows_path: Path, reference_path: Path, cfg: EvalConfig, out_json: Path
-) -> dict[str, Any]:
+    model: str, artifact_dir: Path, windows_path: Path, reference_path: Path, cfg: EvalConfig, out_json: Path,
+    threads: int = 2,
+) -> dict[str, Any]:  # fmt: skip
     artifact = Artifact.load(artifact_dir)
-    backend = get_backend(artifact.meta["backend"])
+    runner = runner_class(artifact.meta["backend"])
     windows = Windows.load(windows_path)
     reference = ReferenceLogits.load(reference_path)
     metrics, _ = evaluate_runner(
-        lambda: backend.load(artifact, threads=cfg.threads, n_ctx=windows.n_ctx), windows, reference, cfg
+        lambda: runner(artifact.path, threads, windows.n_ctx), windows, reference, cfg
     )
     size = artifact.model_file.stat().st_size
     applied = artifact.meta.get("applied", {})
-    metrics |= {"size_bytes": size, "size_mb": size / 2**20, "bpw": applied.get("bpw", float("nan"))}
+    metrics |= {"size_bytes": size, "size_mb": size / 2**20, "bpw": applied.get("bpw", float("nan")),
+                "threads": threads}  # fmt: skip
     result = _result(model, artifact.meta["backend"], artifact.meta["scheme"], artifact.meta["bits"], metrics, {
         "comparability": comparability(windows, reference_path),
         "artifact": artifact.meta,
@@ -174,11 +162,12 @@ def evaluate_variant(
     return result
 
 
-def profile_on_aihub(artifact_dir: Path, settings: dict[str, Any], out: Path) -> dict[str, Any]:
-    """Qualcomm AI Hub compile + profile of one QNN variant (or its 'skipped' record without a token)."""
-    from bitsweep.backends.qnn import profile_on_aihub as run
-
-    record = run(artifact_dir, settings)
+def profile_on_device(
+    backend: str, artifact_dir: Path, settings: dict[str, Any], out: Path
+) -> dict[str, Any]:
+    """A backend's hosted-device profile of one variant (QNN: Qualcomm AI Hub compile + profile)."""
+    info = backend_info(backend)
+    record = load_object(info.device_profiler)(artifact_dir, info.parse_settings(settings))
     write_json(out, record)
     return record
 

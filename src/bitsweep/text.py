@@ -11,11 +11,14 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from bitsweep.config import TextConfig
 from bitsweep.errors import ConfigError
+
+if TYPE_CHECKING:
+    from bitsweep.config import TextConfig
 
 log = logging.getLogger(__name__)
 

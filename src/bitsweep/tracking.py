@@ -7,15 +7,25 @@ and never touches it, so a tracking failure cannot lose results.
 
 from __future__ import annotations
 
+import base64
+import http.client
 import logging
 import os
 import platform
+import socket
+import ssl
 import subprocess
+import urllib.error
+import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 
-from bitsweep.config import TrackingConfig
+from bitsweep.errors import ConfigError
 from bitsweep.manifest import read_json, write_json
+
+if TYPE_CHECKING:  # config.py's preflight calls check_tracking_reachable: no import back at run time
+    from bitsweep.config import TrackingConfig
 
 log = logging.getLogger(__name__)
 
@@ -23,11 +33,87 @@ SECRET_HINTS = ("token", "secret", "password", "api_key", "apikey")
 
 
 def tracking_uri(cfg: TrackingConfig, root: Path | None = None) -> str:
+    """The URI MLflow will use: ``cfg.uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<root>/mlflow.db``.
+
+    >>> from bitsweep.config import TrackingConfig
+    >>> tracking_uri(TrackingConfig(uri="http://127.0.0.1:5000"))
+    'http://127.0.0.1:5000'
+    """
     if cfg.uri:
         return cfg.uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     return f"sqlite:///{(root or Path.cwd()).resolve() / 'mlflow.db'}"
+
+
+def check_tracking_reachable(uri: str | None, timeout: float = 3.0) -> None:
+    """Raise ConfigError (one line) unless the MLflow server at an http(s) ``uri`` answers ``GET /health``.
+
+    A preflight probe, so that a server that is not running is reported at once instead of after MLflow's
+    minutes of retries. Other URIs (sqlite, file, postgresql, ...) and None are not probed. The probe sends
+    the credentials the MLflow client would send (an auth proxy in front of the server lets it through);
+    they are never shown.
+
+    >>> check_tracking_reachable("sqlite:///mlflow.db")  # not a server: nothing to probe
+    """
+    parts = urlsplit(uri or "")
+    if parts.scheme not in ("http", "https"):
+        return
+    host = parts.netloc.rpartition("@")[2]  # without user:password
+    health = urlunsplit((parts.scheme, host, parts.path.rstrip("/") + "/health", "", ""))
+    request = urllib.request.Request(health)
+    if authorization := _authorization(parts):
+        request.add_unredirected_header("Authorization", authorization)  # not forwarded to a redirect target
+    if problem := _probe(request, timeout):
+        shown = urlunsplit((parts.scheme, host, parts.path, "", ""))
+        raise ConfigError(
+            f"MLflow tracking server {shown} does not answer ({problem}); start it "
+            "(README, Results: `mlflow server ...`) or use tracking=local"
+        )
+
+
+def _authorization(parts: SplitResult) -> str | None:
+    """What MLflow's REST client sends: $MLFLOW_TRACKING_USERNAME/PASSWORD, else user:password in the URI
+    (requests takes those), else $MLFLOW_TRACKING_TOKEN."""
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if not (user and password) and parts.username:
+        user, password = unquote(parts.username), unquote(parts.password or "")
+    if user and password is not None:
+        return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    return f"Bearer {token}" if token else None
+
+
+def _probe(request: urllib.request.Request, timeout: float) -> str | None:
+    """None when the request is answered with 2xx, else a few words saying what went wrong."""
+    context = None
+    if request.type == "https":  # the TLS settings the MLflow client itself reads
+        cafile = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or None
+        try:
+            context = ssl.create_default_context(cafile=cafile)
+        except OSError as err:
+            return f"MLFLOW_TRACKING_SERVER_CERT_PATH {cafile}: {_reason(err, timeout)}"
+        if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    try:
+        with urllib.request.urlopen(request, timeout=timeout, context=context):
+            return None
+    except urllib.error.HTTPError as err:
+        return f"HTTP {err.code} from /health"
+    except urllib.error.URLError as err:
+        return _reason(err.reason, timeout)
+    except (OSError, ValueError, http.client.HTTPException) as err:  # a timeout while reading, a bad port
+        return _reason(err, timeout)
+
+
+def _reason(err: object, timeout: float) -> str:
+    if isinstance(err, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(err, TimeoutError):
+        return f"timed out after {timeout:g} s"
+    if isinstance(err, socket.gaierror):
+        return "unknown host"
+    return " ".join(str(getattr(err, "strerror", None) or err).split()) or type(err).__name__
 
 
 def experiment_name(cfg: TrackingConfig, experiment: str) -> str:

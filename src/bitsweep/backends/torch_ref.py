@@ -2,44 +2,57 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 
+from bitsweep.backends.base import BaseRunner
+from bitsweep.errors import ConfigError
 
-class TorchRunner:
-    def __init__(self, model_dir: str | Path, threads: int, trust_remote_code: bool = False) -> None:
+NO_LIMIT = 1 << 30
+
+
+class TorchRunner(BaseRunner):
+    def __init__(
+        self, model_dir: str | Path, threads: int, n_ctx: int = NO_LIMIT, *, trust_remote_code: bool = False
+    ) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
+        super().__init__(model_dir, threads, n_ctx)
         torch.set_num_threads(threads)
         self.torch = torch
         self.model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code
         ).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        self._refuse_longer_than_trained()
+        self.past = None
+
+    def _refuse_longer_than_trained(self) -> None:
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit and self.n_ctx != NO_LIMIT and self.n_ctx > limit:
+            raise ConfigError(f"n_ctx={self.n_ctx} exceeds the model's max_position_embeddings={limit}")
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
+        self.check_length(ids)
         with self.torch.inference_mode():
             out = self.model(self.torch.as_tensor(ids[None], dtype=self.torch.long), use_cache=False)
         return out.logits[0].float().numpy()
 
-    def detokenize(self, ids: np.ndarray) -> bytes:
-        return self.tokenizer.decode(ids.tolist(), clean_up_tokenization_spaces=False).encode()
-
-    def generate(self, prompt: np.ndarray, n_new: int) -> tuple[float, float]:
+    def _forward(self, ids: np.ndarray, past) -> np.ndarray:
         torch = self.torch
         with torch.inference_mode():
-            started = time.perf_counter()
-            out = self.model(torch.as_tensor(prompt[None], dtype=torch.long), use_cache=True)
-            prompt_done = time.perf_counter()
-            past = out.past_key_values
-            token = out.logits[:, -1:].argmax(-1)
-            for _ in range(n_new):
-                out = self.model(token, past_key_values=past, use_cache=True)
-                past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        return prompt_done - started, time.perf_counter() - prompt_done
+            out = self.model(torch.as_tensor(np.asarray(ids)[None], dtype=torch.long), past_key_values=past,
+                             use_cache=True)  # fmt: skip
+        self.past = out.past_key_values
+        return out.logits[0, -1].float().numpy()
+
+    def _prefill(self, prompt: np.ndarray) -> np.ndarray:
+        return self._forward(prompt, None)
+
+    def _step(self, token: int) -> np.ndarray:
+        return self._forward(np.array([token]), self.past)
 
     def close(self) -> None:
         del self.model
+        self.past = None

@@ -30,6 +30,6 @@ def configure_numba() -> None:
 
 configure_numba()
 
-from bitsweep.kernels.formats import FORMATS, PackedMatrix, get_format  # noqa: E402
+from bitsweep.kernels.formats import FORMATS, Format, PackedMatrix, get_format  # noqa: E402
 
-__all__ = ["FORMATS", "PackedMatrix", "get_format"]
+__all__ = ["FORMATS", "Format", "PackedMatrix", "get_format"]

@@ -5,7 +5,7 @@ removal) followed by one of Olive's quantization passes; Olive's cache and outpu
 folder (``olive/``) so nothing leaks between variants. Olive evaluates nothing here: the output model is scored
 by bitsweep's own metrics through the same ONNX Runtime runner as the ``onnxruntime`` backend.
 
-Olive starts from the same untied-head export as ``onnxruntime`` (see bitsweep.backends.onnx.untie_lm_head),
+Olive starts from the same untied-head export as ``onnxruntime`` (see bitsweep.backends.onnx_family.untie_lm_head),
 so the two backends' rows differ only by what Olive's passes do.
 """
 
@@ -15,24 +15,17 @@ import json
 import logging
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any, ClassVar
 
-from bitsweep.backends.base import Artifact, QuantizeRequest
-from bitsweep.backends.onnx import (
-    MODEL_ONNX,
-    OnnxModelBackend,
-    finish_artifact,
-    prepared_source,
-    save_model,
-)
+from bitsweep.backends.base import Applied, QuantizeRequest
+from bitsweep.backends.onnx_family import MODEL_ONNX, OnnxQuantizer, prepared_source, save_model
 
 log = logging.getLogger(__name__)
 
 
 def quantization_pass(fmt: str, options: dict[str, Any]) -> dict[str, Any]:
-    """Olive's pass config for one of our formats (capabilities.OLIVE_FORMATS)."""
+    """Olive's pass config for one of our formats (OLIVE_FORMATS)."""
     if fmt == "DYNAMIC_INT8":
         return {"type": "OnnxDynamicQuantization", "weight_type": "QInt8",
                 "per_channel": bool(options.get("per_channel", False))}  # fmt: skip
@@ -82,7 +75,7 @@ def restore_output_names(model, source) -> dict[str, str]:
     return renamed
 
 
-class OliveBackend(OnnxModelBackend):
+class Quantizer(OnnxQuantizer):
     name: ClassVar[str] = "olive"
 
     def versions(self) -> dict[str, str]:
@@ -90,13 +83,12 @@ class OliveBackend(OnnxModelBackend):
 
         return {"olive-ai": olive.__version__, **super().versions()}
 
-    def quantize(self, request: QuantizeRequest) -> Artifact:
+    def apply(self, request: QuantizeRequest) -> Applied:
         from olive.workflows import run as olive_run
 
         os.environ.setdefault("OLIVE_DISABLE_TELEMETRY", "1")
         options = request.scheme.options
         fmt = str(options["format"]).upper()
-        request.out.mkdir(parents=True, exist_ok=True)
         work = request.out / "olive"
         # NONE: the export as is (tied head), like onnxruntime's fp32 row; else the untied copy quantizers need
         source = (
@@ -108,9 +100,7 @@ class OliveBackend(OnnxModelBackend):
         passes = [p["type"] for p in config["passes"].values()]  # olive_run rewrites config in place
         work.mkdir(parents=True, exist_ok=True)
         (work / "workflow.json").write_text(json.dumps(config, indent=2))
-        started = time.perf_counter()
         olive_run(config)
-        seconds = time.perf_counter() - started
         produced = sorted((work / "output").rglob("*.onnx"))
         if not produced:  # olive.workflows.run logs a failed pass and returns; it does not raise
             raise RuntimeError(f"Olive produced no model; see the log and {work / 'workflow.json'}")
@@ -123,4 +113,4 @@ class OliveBackend(OnnxModelBackend):
         for path in (work / "output").rglob("*.onnx*"):
             path.unlink()
         extra = {"olive_passes": passes, "renamed_outputs": renamed}
-        return finish_artifact(request, self.name, self.versions(), fmt, seconds, extra)
+        return self.finish(request, fmt, extra)

@@ -1,56 +1,16 @@
-"""OpenVINO: HF -> stateful IR with optimum-intel's exporter, weight compression / quantization with NNCF,
-inference on the CPU plugin.
-
-Why optimum-intel's exporter: it gives a stateful IR (KV cache inside the model, so generation speed is real)
-from the same transformers version as the reference, and it resolves with the pinned stack (1.27.0). The
-converted IR is fp32 (``OVConfig(dtype="fp32")``): compression starts from the reference weights.
-
-The IR's inputs: input_ids, attention_mask, position_ids (int64, [1, n]) and beam_idx (int32, [1]); output:
-logits [1, n, V]. The CPU plugin infers in bf16 on CPUs with AMX unless told f32, which we always do.
-"""
+"""NNCF weight compression (``compress_weights``) or full INT8 quantization (``quantize``) of the fp32 IR."""
 
 from __future__ import annotations
 
 import logging
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
-from bitsweep.backends.base import Artifact, QuantizeRequest, base_meta, copy_side_files
-
-log = logging.getLogger(__name__)
-
-MODEL_XML = "openvino_model.xml"
-
-
-def export_openvino(model_dir: str | Path, out: str | Path, trust_remote_code: bool = False) -> None:
-    from optimum.exporters.openvino import main_export
-    from optimum.intel import OVConfig
-
-    main_export(
-        str(model_dir), str(out), task="text-generation-with-past", stateful=True, ov_config=OVConfig(dtype="fp32"),
-        convert_tokenizer=False, trust_remote_code=trust_remote_code,
-    )  # fmt: skip
-
-
-def compile_model(xml: str | Path, threads: int):
-    import openvino as ov
-
-    config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1}
-    return ov.Core().compile_model(str(xml), "CPU", config)
-
-
-def stateful_inputs(ids: np.ndarray, past: int = 0) -> dict[str, np.ndarray]:
-    n = len(ids)
-    return {
-        "input_ids": np.asarray(ids, dtype=np.int64)[None],
-        "attention_mask": np.ones((1, past + n), dtype=np.int64),
-        "position_ids": np.arange(past, past + n, dtype=np.int64)[None],
-        "beam_idx": np.zeros(1, dtype=np.int32),
-    }
+from bitsweep.backends.base import Applied, BaseQuantizer, QuantizeRequest, copy_side_files
+from bitsweep.backends.openvino.runner import MODEL_XML, stateful_inputs
 
 
 def ir_summary(xml: str | Path) -> dict[str, Any]:
@@ -122,7 +82,7 @@ def _nncf_kwargs(options: dict[str, Any], dataset) -> dict[str, Any]:
     return kwargs
 
 
-class OpenVINOBackend:
+class Quantizer(BaseQuantizer):
     name: ClassVar[str] = "openvino"
 
     def versions(self) -> dict[str, str]:
@@ -131,24 +91,20 @@ class OpenVINOBackend:
 
         return {"openvino": openvino.get_version(), "nncf": nncf.__version__}
 
-    def quantize(self, request: QuantizeRequest) -> Artifact:
+    def apply(self, request: QuantizeRequest) -> Applied:
         import nncf
         import openvino as ov
 
-        options, settings = request.scheme.options, request.settings
+        options, calib = request.scheme.options, request.settings.calibration
         mode = str(options["mode"]).upper()
-        request.out.mkdir(parents=True, exist_ok=True)
-        calib = settings.get("calibration", {})
         dataset = None
         if request.scheme.needs_calibration:
-            if request.calib_text is None:
-                raise ValueError(f"scheme {request.scheme.variant} needs calibration text")
-            dataset = calibration_dataset(request.src, request.calib_text, calib.get("n_ctx", 256),
-                                          calib.get("n_samples", 32))  # fmt: skip
+            dataset = calibration_dataset(
+                request.src, request.calibration_input(), calib.n_ctx, calib.n_samples
+            )
         model = ov.Core().read_model(str(request.src / MODEL_XML))
         capture = _Capture()
         logging.getLogger("nncf").addHandler(capture)
-        started = time.perf_counter()
         try:
             if mode == "STATIC_INT8":
                 model = nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER,
@@ -157,54 +113,12 @@ class OpenVINOBackend:
                 model = nncf.compress_weights(model, **_nncf_kwargs(options, dataset))
         finally:
             logging.getLogger("nncf").removeHandler(capture)
-        seconds = time.perf_counter() - started
         ov.save_model(model, str(request.out / MODEL_XML), compress_to_fp16=False)
         copy_side_files(request.src, request.out)
-        summary = ir_summary(request.out / MODEL_XML)
         n_params = ir_summary(request.src / MODEL_XML)["elements_by_type"].get("f32", 0)
         bin_bytes = (request.out / "openvino_model.bin").stat().st_size
-        meta = base_meta(request, self.name, self.versions())
-        meta.update(
-            model_file="openvino_model.bin",
-            mode=mode,
-            quantize_seconds=seconds,
-            applied={**summary, "n_params": n_params, "bpw": 8 * bin_bytes / n_params if n_params else None,
-                     "nncf_log": [line for line in capture.lines if "│" in line or "bitwidth" in line]},
-        )  # fmt: skip
-        artifact = Artifact(request.out, meta)
-        artifact.save()
-        return artifact
-
-    def load(self, artifact: Artifact, threads: int, n_ctx: int = 512) -> OpenVINORunner:
-        return OpenVINORunner(artifact.path, threads)
-
-
-class OpenVINORunner:
-    def __init__(self, model_dir: str | Path, threads: int) -> None:
-        from transformers import AutoTokenizer
-
-        self.request = compile_model(Path(model_dir) / MODEL_XML, threads).create_infer_request()
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-
-    def logits(self, ids: np.ndarray) -> np.ndarray:
-        self.request.reset_state()
-        out = self.request.infer(stateful_inputs(ids))
-        return np.array(out["logits"][0], dtype=np.float32)
-
-    def detokenize(self, ids: np.ndarray) -> bytes:
-        return self.tokenizer.decode(ids.tolist(), clean_up_tokenization_spaces=False).encode()
-
-    def generate(self, prompt: np.ndarray, n_new: int) -> tuple[float, float]:
-        self.request.reset_state()
-        started = time.perf_counter()
-        out = self.request.infer(stateful_inputs(prompt))
-        prompt_done = time.perf_counter()
-        past = len(prompt)
-        for _ in range(n_new):
-            token = int(np.argmax(out["logits"][0, -1]))
-            out = self.request.infer(stateful_inputs(np.array([token]), past))
-            past += 1
-        return prompt_done - started, time.perf_counter() - prompt_done
-
-    def close(self) -> None:
-        del self.request
+        return Applied("openvino_model.bin", {
+            "mode": mode, **ir_summary(request.out / MODEL_XML), "n_params": n_params,
+            "bpw": 8 * bin_bytes / n_params if n_params else None,
+            "nncf_log": [line for line in capture.lines if "│" in line or "bitwidth" in line],
+        })  # fmt: skip

@@ -1,6 +1,7 @@
-"""ONNX: HF -> ONNX with optimum's exporter, quantization with ONNX Runtime's own quantizers, inference on
-ONNX Runtime's CPU execution provider. The ``olive`` and ``qnn`` backends reuse the export, the runner and the
-model summary from here.
+"""The ONNX family's shared code: HF -> ONNX with optimum's exporter, what a graph stores, the untied LM head,
+calibration feeds, the artifact summary, and the ONNX Runtime runner (CPU execution provider) that scores every
+ONNX model. Used by the ``onnxruntime``, ``olive`` and ``qnn`` backends; nothing framework-specific is imported
+at module level.
 
 Why optimum's exporter (optimum-onnx 0.1.0): it is the maintained HF -> ONNX path that resolves beside
 transformers 4.57, optimum-intel and olive-ai in our pinned stack, and its ``text-generation-with-past`` task
@@ -19,14 +20,20 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
-from bitsweep.backends.base import Artifact, QuantizeRequest, base_meta, copy_side_files
+from bitsweep.backends.base import (
+    Applied,
+    BaseQuantizer,
+    BaseRunner,
+    FormatInfo,
+    QuantizeRequest,
+    copy_side_files,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +43,18 @@ QUANT_OPS = ("MatMulNBits", "GatherBlockQuantized", "QuantizeLinear", "Dequantiz
              "MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "QGemm")  # fmt: skip
 
 
-def export_onnx(model_dir: str | Path, out: str | Path, trust_remote_code: bool = False) -> None:
+ONNX = FormatInfo("onnx", converter=f"{__name__}:convert", runner=f"{__name__}:OnnxRunner", mem_mb=6000)
+
+
+def convert(model_dir: Path, out: Path, options: dict[str, Any], trust_remote_code: bool = False) -> None:
     from optimum.exporters.onnx import main_export
 
     main_export(str(model_dir), str(out), task="text-generation-with-past", device="cpu",
                 trust_remote_code=trust_remote_code)  # fmt: skip
+
+
+def export_onnx(model_dir: str | Path, out: str | Path, trust_remote_code: bool = False) -> None:
+    convert(Path(model_dir), Path(out), {}, trust_remote_code)
 
 
 def save_model(model, path: Path) -> None:
@@ -143,6 +157,11 @@ def attention_mask_nodes(model) -> list[str]:
     return sorted(cone)
 
 
+def matching_nodes(model, patterns: list[str]) -> list[str]:
+    """Names of the nodes matching any of the glob ``patterns``."""
+    return [n.name for n in model.graph.node if any(fnmatch.fnmatchcase(n.name, p) for p in patterns)]
+
+
 def untie_lm_head(model) -> None:
     """Give the LM head its own weight initializer, in place.
 
@@ -235,75 +254,19 @@ def calibration_reader(model_path: Path, tokenizer_dir: Path, text: Path, n_ctx:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# ONNX Runtime quantizers
+# What every ONNX-model backend shares
 
 
-def quantize_dynamic_int8(src: Path, out: Path, options: dict[str, Any]) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantize_dynamic(src, out, weight_type=QuantType[options.get("weight_type", "QInt8")],
-                     per_channel=bool(options.get("per_channel", False)),
-                     op_types_to_quantize=options.get("op_types"))  # fmt: skip
-
-
-def matching_nodes(model, patterns: list[str]) -> list[str]:
-    """Names of the nodes matching any of the glob ``patterns``."""
-    return [n.name for n in model.graph.node if any(fnmatch.fnmatchcase(n.name, p) for p in patterns)]
+def calibration_for(request: QuantizeRequest):
+    """ORT calibration reader over ``settings.calibration`` windows of the request's calibration text."""
+    calib = request.settings.calibration
+    return calibration_reader(request.src / MODEL_ONNX, request.src, request.calibration_input(),
+                              calib.n_ctx, calib.n_samples)  # fmt: skip
 
 
-def weight_nodes(model, op_types: tuple[str, ...], exclude: list[str]) -> list[str]:
-    """Nodes of ``op_types`` that read a weight initializer, minus those matching an ``exclude`` glob."""
-    inits = {t.name for t in model.graph.initializer}
-    return [n.name for n in model.graph.node if n.op_type in op_types and any(i in inits for i in n.input)
-            and not any(fnmatch.fnmatchcase(n.name, pattern) for pattern in exclude)]  # fmt: skip
-
-
-def quantize_qdq(src: Path, out: Path, options: dict[str, Any], reader) -> list[str]:
-    """Static QDQ INT8 of the linear layers (activations calibrated on the calibration windows); returns the
-    weight nodes kept float. Attention products and the causal mask are not touched (see attention_mask_nodes).
-    """
-    import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    model = onnx.load(str(src), load_external_data=False)
-    op_types = tuple(options.get("op_types") or ("MatMul",))
-    quantized = weight_nodes(model, op_types, list(options.get("exclude") or []))
-    kept_float = sorted(set(weight_nodes(model, op_types, [])) - set(quantized))
-    quantize_static(
-        src, out, reader, quant_format=QuantFormat.QDQ, per_channel=bool(options.get("per_channel", True)),
-        activation_type=QuantType[options.get("activation_type", "QUInt8")],
-        weight_type=QuantType[options.get("weight_type", "QInt8")],
-        calibrate_method=CalibrationMethod[options.get("calibrate_method", "MinMax")],
-        nodes_to_quantize=quantized, extra_options={"WeightSymmetric": True},
-    )  # fmt: skip
-    return kept_float
-
-
-def quantize_blockwise(src: Path, out: Path, fmt: str, options: dict[str, Any]) -> None:
-    """Weight-only blockwise quantization to MatMulNBits (RTN or HQQ), the embedding to
-    GatherBlockQuantized where this onnxruntime can (4 bits only: "Gather only supports 4 bits")."""
-    import onnx
-    from onnxruntime.quantization import matmul_nbits_quantizer as nbits
-
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # one INFO line per node
-    bits = int(fmt[-1])
-    block_size = int(options.get("block_size", 128))
-    op_types = tuple(options.get("op_types") or (("MatMul", "Gather") if bits == 4 else ("MatMul",)))
-    axes = (("MatMul", 0), ("Gather", 1))  # Gather: blocks along the hidden axis of [vocab, hidden]
-    if fmt == "HQQ_INT4":  # "Gather quantization is not supported yet in HQQ"
-        algo = nbits.HQQWeightOnlyQuantConfig(block_size=block_size, bits=4, op_types_to_quantize=("MatMul",))
-    else:
-        algo = nbits.DefaultWeightOnlyQuantConfig(
-            block_size=block_size, is_symmetric=bool(options.get("symmetric", False)), bits=bits,
-            accuracy_level=options.get("accuracy_level"), op_types_to_quantize=op_types, quant_axes=axes,
-        )  # fmt: skip
-    quantizer = nbits.MatMulNBitsQuantizer(onnx.load(str(src)), algo_config=algo)
-    quantizer.process()
-    save_model(quantizer.model.model, out)
-
-
-class OnnxModelBackend:
-    """What every backend producing an ONNX model shares: ONNX Runtime runs it (onnxruntime, olive, qnn)."""
+class OnnxQuantizer(BaseQuantizer):
+    """Base of the backends whose artifact is an ONNX model (onnxruntime, olive, qnn): versions and the
+    artifact summary; ONNX Runtime runs them all (:class:`OnnxRunner`)."""
 
     def versions(self) -> dict[str, str]:
         import onnx
@@ -311,78 +274,28 @@ class OnnxModelBackend:
 
         return {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__}
 
-    def load(self, artifact: Artifact, threads: int, n_ctx: int = 512) -> OnnxRunner:
-        return OnnxRunner(artifact.path, threads)
-
-
-class OnnxRuntimeBackend(OnnxModelBackend):
-    name: ClassVar[str] = "onnxruntime"
-
-    def quantize(self, request: QuantizeRequest) -> Artifact:
-        options = request.scheme.options
-        fmt = str(options["format"]).upper()
-        request.out.mkdir(parents=True, exist_ok=True)
-        out_model = request.out / MODEL_ONNX
-        # NONE: the export as is (its tied LM head); the quantizers read the untied copy
-        src = (
-            request.src / MODEL_ONNX
-            if fmt == "NONE"
-            else prepared_source(request.src / MODEL_ONNX, request.out)
-        )
-        excluded: list[str] = []
-        started = time.perf_counter()
-        if fmt == "NONE":
-            save_model(_load(src), out_model)
-        elif fmt == "DYNAMIC_INT8":
-            quantize_dynamic_int8(src, out_model, options)
-        elif fmt == "QDQ_INT8":
-            excluded = quantize_qdq(src, out_model, options, calibration_for(request))
-        else:
-            quantize_blockwise(src, out_model, fmt, options)
-        seconds = time.perf_counter() - started
-        return finish_artifact(request, self.name, self.versions(), fmt, seconds, {"float_nodes": excluded})
-
-
-def _load(path: Path):
-    import onnx
-
-    return onnx.load(str(path))
-
-
-def calibration_for(request: QuantizeRequest):
-    if request.calib_text is None:
-        raise ValueError(f"scheme {request.scheme.variant} needs calibration text")
-    calib = request.settings.get("calibration", {})
-    return calibration_reader(request.src / MODEL_ONNX, request.src, request.calib_text,
-                              calib.get("n_ctx", 128), calib.get("n_samples", 16))  # fmt: skip
-
-
-def finish_artifact(
-    request: QuantizeRequest, backend: str, versions: dict[str, str], fmt: str, seconds: float, extra: dict
-) -> Artifact:
-    """Copy the tokenizer, measure what the model file stores and write the artifact sidecar."""
-    for scratch in request.out.glob("_source.onnx*"):
-        scratch.unlink()
-    copy_side_files(request.src, request.out)
-    meta = base_meta(request, backend, versions)
-    meta.update(model_file=MODEL_ONNX, format=fmt, quantize_seconds=seconds,
-                applied={**applied_meta(request.src / MODEL_ONNX, request.out / MODEL_ONNX), **extra})  # fmt: skip
-    artifact = Artifact(request.out, meta)
-    artifact.save()
-    return artifact
+    def finish(self, request: QuantizeRequest, fmt: str, extra: dict[str, Any]) -> Applied:
+        """Drop scratch files, copy the tokenizer, measure what the model file stores."""
+        for scratch in request.out.glob("_source.onnx*"):
+            scratch.unlink()
+        copy_side_files(request.src, request.out)
+        applied = applied_meta(request.src / MODEL_ONNX, request.out / MODEL_ONNX)
+        return Applied(MODEL_ONNX, {"format": fmt, **applied, **extra})
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Runner
 
 
-class OnnxRunner:
+class OnnxRunner(BaseRunner):
     """ONNX Runtime, CPU execution provider, ``threads`` intra-op threads, sequential execution."""
 
-    def __init__(self, model_dir: str | Path, threads: int, model_file: str = MODEL_ONNX) -> None:
+    def __init__(
+        self, model_dir: str | Path, threads: int, n_ctx: int = 512, model_file: str = MODEL_ONNX
+    ) -> None:
         import onnxruntime as ort
-        from transformers import AutoTokenizer
 
+        super().__init__(model_dir, threads, n_ctx)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -392,29 +305,28 @@ class OnnxRunner:
                                             providers=["CPUExecutionProvider"])  # fmt: skip
         self.inputs = self.session.get_inputs()
         self.present = [o.name for o in self.session.get_outputs() if o.name.startswith("present")]
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.past_names = [i.name for i in self.inputs if i.name.startswith("past_key_values")]
+        self.state: tuple[int, list] = (0, [])
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
+        self.check_length(ids)
         logits = self.session.run(["logits"], window_feeds(self.inputs, ids))[0]
         return np.asarray(logits[0], dtype=np.float32)
 
-    def detokenize(self, ids: np.ndarray) -> bytes:
-        return self.tokenizer.decode(ids.tolist(), clean_up_tokenization_spaces=False).encode()
+    def _run(self, feeds: dict[str, np.ndarray], n_new: int) -> np.ndarray:
+        logits, *present = self.session.run(["logits", *self.present], feeds)
+        self.state = (self.state[0] + n_new, present)
+        return logits[0, -1]
 
-    def generate(self, prompt: np.ndarray, n_new: int) -> tuple[float, float]:
-        names = ["logits", *self.present]
-        past_names = [i.name for i in self.inputs if i.name.startswith("past_key_values")]
-        started = time.perf_counter()
-        logits, *present = self.session.run(names, window_feeds(self.inputs, prompt))
-        prompt_done = time.perf_counter()
-        past = len(prompt)
-        for _ in range(n_new):
-            token = int(np.argmax(logits[0, -1]))
-            feeds = {"input_ids": np.array([[token]], np.int64), "attention_mask": np.ones((1, past + 1), np.int64),
-                     "position_ids": np.array([[past]], np.int64), **dict(zip(past_names, present, strict=True))}  # fmt: skip
-            logits, *present = self.session.run(names, {i.name: feeds[i.name] for i in self.inputs})
-            past += 1
-        return prompt_done - started, time.perf_counter() - prompt_done
+    def _prefill(self, prompt: np.ndarray) -> np.ndarray:
+        self.state = (0, [])
+        return self._run(window_feeds(self.inputs, prompt), len(prompt))
+
+    def _step(self, token: int) -> np.ndarray:
+        past, present = self.state
+        feeds = {"input_ids": np.array([[token]], np.int64), "attention_mask": np.ones((1, past + 1), np.int64),
+                 "position_ids": np.array([[past]], np.int64), **dict(zip(self.past_names, present, strict=True))}  # fmt: skip
+        return self._run({i.name: feeds[i.name] for i in self.inputs}, 1)
 
     def close(self) -> None:
         del self.session

@@ -1,0 +1,21 @@
+"""Backend ``bitnet``: the HF model with its Linear layers packed into bitsweep's own low-bit formats
+(bitsweep.kernels), run by its numba kernels. Reads the HF folder directly (no conversion). Capability data only.
+"""
+
+from __future__ import annotations
+
+from bitsweep.backends.base import HF_FORMAT, BackendInfo, BackendSettings
+
+# bitsweep's own packed formats (bitsweep.kernels.formats) and their bit class: the ternary layouts sit where
+# llama.cpp puts TQ2_0 (2) and TQ1_0 (1).
+BITNET_FORMATS: dict[str, int] = {"TQ2_0": 2, "TQ1_0": 1, "BINARY": 1, "INT2": 2, "INT3": 3, "INT4": 4}
+
+INFO = BackendInfo(
+    name="bitnet",
+    package=__name__,
+    settings=BackendSettings,  # threads and mem_mb only
+    source_format=HF_FORMAT,
+    type_key="format",
+    type_bits=BITNET_FORMATS,
+    options=frozenset({"format", "scale", "group_size", "layers", "act", "keep_dtype"}),
+)

@@ -1,0 +1,123 @@
+"""Run: transformers builds the architecture from ``config.json``; each packed Linear becomes a
+:class:`PackedLinear` whose forward quantizes activations per token (int8 absmax, BitNet) or keeps them fp32, and
+calls bitsweep.kernels.fast. Everything else (attention, norms, lm_head) is torch fp32.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from bitsweep.backends.base import BaseRunner
+from bitsweep.backends.bitnet.quantize import load_packed
+from bitsweep.backends.torch_ref import TorchRunner
+from bitsweep.errors import ConfigError
+
+# From this many tokens per call (prompt processing, scoring windows) PackedLinear decodes the weights and uses
+# sgemm; below it (generation, small batches) it runs the packed GEMV/GEMM kernels directly. bench/kernels.py:
+# the packed GEMM beats fp32 sgemm ~2x at 8 tokens and loses at 32 (0.55-0.85x).
+DEQUANT_BATCH = 16
+
+
+def packed_linear_class():
+    import torch
+
+    from bitsweep.kernels import fast
+
+    class PackedLinear(torch.nn.Module):
+        """``y = x @ W.T (+ b)`` with ``W`` packed; x ``(..., k)`` fp32 -> y ``(..., n_rows)`` fp32."""
+
+        def __init__(self, pm, bias, act: str) -> None:
+            super().__init__()
+            self.pm, self.act = pm, act
+            self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+
+        def forward(self, x):
+            shape, pm = x.shape, self.pm
+            if self.act == "int8" and x.numel() == shape[-1] and x.dtype == torch.float32:
+                # Generation: one token, one compiled call (Python-side overhead dominates otherwise).
+                y = torch.from_numpy(fast.linear_token(pm, x.numpy().reshape(-1))).view(
+                    *shape[:-1], pm.n_rows
+                )
+                return y if self.bias is None else y + self.bias
+            flat = x.reshape(-1, shape[-1]).float().contiguous().numpy()
+            acts = fast.prepare_activations_fast(flat, pm.k_padded, pm.group, self.act)
+            if flat.shape[0] < DEQUANT_BATCH:
+                y = torch.from_numpy(fast.gemm_prepared(pm, acts))
+            else:
+                # Prompt-sized batches: decode the weights once (our kernel) and let sgemm do the products, on
+                # the same (int8-rounded) activations: the quantized model's arithmetic, in another order.
+                n = flat.shape[0]
+                x_used = (acts.x.reshape(n, -1, pm.group) * acts.scale[:, :, None]).reshape(n, -1)[:, : pm.k]
+                y = torch.from_numpy(x_used) @ torch.from_numpy(fast.dequantize(pm)).T
+            y = y.reshape(*shape[:-1], pm.n_rows)
+            return y if self.bias is None else y + self.bias
+
+        def extra_repr(self) -> str:
+            return f"{self.pm.fmt.name}, group={self.pm.group}, k={self.pm.k}, n={self.pm.n_rows}, act={self.act}"
+
+    return PackedLinear
+
+
+def build_model(path: Path, act: str | None = None):
+    """The transformers model of a bitnet artifact, its packed Linear layers replaced by PackedLinear."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    packed, kept, info = load_packed(path)
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    PackedLinear = packed_linear_class()
+    for module, pm in packed.items():
+        parent_name, _, child = module.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        bias = kept.pop(f"{module}.bias", None)
+        linear = PackedLinear(pm, None if bias is None else torch.from_numpy(bias), act or info["act"])
+        setattr(parent, child, linear)
+    state = {name: torch.from_numpy(array.astype(np.float32)) for name, array in kept.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if unexpected:
+        raise ConfigError(f"{path}: tensors the architecture does not have: {unexpected[:5]}")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+        missing = [m for m in missing if m != "lm_head.weight"]
+    for name, buffer in list(model.named_buffers()):
+        if buffer.is_meta:  # non-persistent buffers (rotary inv_freq): rebuilt on the CPU below
+            missing.append(name)
+    if any(not name.endswith("inv_freq") for name in missing):
+        raise ConfigError(f"{path}: weights missing from the artifact: {missing[:5]}")
+    _rebuild_rotary(model, config)
+    return model.eval(), info
+
+
+def _rebuild_rotary(model, config) -> None:
+    """Rotary embeddings keep ``inv_freq`` as a non-persistent buffer: recreate those modules on the CPU."""
+    import torch
+
+    for name, module in list(model.named_modules()):
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            with torch.device("cpu"):
+                setattr(parent, child, type(module)(config=config))
+
+
+class Runner(TorchRunner):
+    """TorchRunner's scoring and timed generation, on the packed model."""
+
+    def __init__(self, path: str | Path, threads: int, n_ctx: int = 512, act: str | None = None) -> None:
+        import numba
+        import torch
+
+        BaseRunner.__init__(self, path, threads, n_ctx)
+        torch.set_num_threads(threads)
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        self.torch = torch
+        self.model, self.info = build_model(Path(path), act)
+        self._refuse_longer_than_trained()
+        self.past = None
+
+
+BitnetRunner = Runner

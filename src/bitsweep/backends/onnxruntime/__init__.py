@@ -1,0 +1,43 @@
+"""ONNX Runtime: its own quantizers on the ONNX export (bitsweep.backends.onnx_family), run on its CPU execution
+provider. Capability data only: nothing here imports onnxruntime.
+"""
+
+from __future__ import annotations
+
+from bitsweep.backends.base import BackendInfo
+from bitsweep.backends.onnx_family import ONNX
+from bitsweep.backends.onnxruntime.settings import Settings
+
+# ONNX Runtime's quantizers and their bit class. NONE: the fp32 export as is (ONNX Runtime's own full-precision
+# check against torch). BLOCK_*: weight-only blockwise MatMulNBits (RTN); this onnxruntime's blockwise quantizer
+# accepts bits 2, 4 and 8 only ("Only support 2, 4 or 8 bits quantization"); its k-quant algorithm fails on
+# SmolLM2's 576-wide rows (a reshape error inside onnxruntime 1.31), so it is not offered.
+ORT_FORMATS: dict[str, int] = {
+    "NONE": 32, "DYNAMIC_INT8": 8, "QDQ_INT8": 8, "BLOCK_INT8": 8, "BLOCK_INT4": 4, "BLOCK_INT2": 2, "HQQ_INT4": 4,
+}  # fmt: skip
+
+
+INFO = BackendInfo(
+    name="onnxruntime",
+    package=__name__,
+    settings=Settings,
+    source_format=ONNX,
+    type_key="format",
+    type_bits=ORT_FORMATS,
+    options=frozenset(
+        {
+            "format",
+            "block_size",
+            "symmetric",
+            "accuracy_level",
+            "op_types",
+            "per_channel",
+            "weight_type",
+            "activation_type",
+            "calibrate_method",
+            "exclude",
+            "dataset",
+        }
+    ),
+    runner="bitsweep.backends.onnx_family:OnnxRunner",
+)

@@ -1,0 +1,60 @@
+"""OpenVINO: HF -> stateful IR with optimum-intel's exporter, weight compression / quantization with NNCF,
+inference on the CPU plugin. Capability data only: nothing here imports OpenVINO.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from bitsweep.backends.base import BackendInfo, FormatInfo
+from bitsweep.backends.openvino.settings import Settings
+
+# NNCF weight-compression modes (nncf.CompressWeightsMode names) and their bit class. "NONE": the fp32 IR
+# as exported, the OpenVINO runtime's own full-precision check against torch.
+NNCF_MODES: dict[str, int] = {
+    "NONE": 32,
+    "INT8_ASYM": 8, "INT8_SYM": 8, "MXFP8_E4M3": 8, "FP8_E4M3": 8,
+    "INT4_ASYM": 4, "INT4_SYM": 4, "NF4": 4, "MXFP4": 4, "FP4": 4, "NVFP4": 4,
+    "INT3_SYM": 3, "INT2_SYM": 2,
+    "STATIC_INT8": 8,  # nncf.quantize: weights and activations
+}  # fmt: skip
+
+OPENVINO = FormatInfo(
+    "openvino",
+    converter="bitsweep.backends.openvino.convert:convert",
+    runner="bitsweep.backends.openvino.runner:Runner",
+    mem_mb=6000,
+)
+
+
+@dataclass(frozen=True)
+class OpenVINOInfo(BackendInfo):
+    def needs_calibration(self, options: dict[str, Any]) -> bool:
+        return bool(options.get("dataset")) or self.kind(options) == "STATIC_INT8"
+
+
+INFO = OpenVINOInfo(
+    name="openvino",
+    package=__name__,
+    settings=Settings,
+    source_format=OPENVINO,
+    type_key="mode",
+    type_bits=NNCF_MODES,
+    options=frozenset(
+        {
+            "mode",
+            "group_size",
+            "ratio",
+            "all_layers",
+            "backup_mode",
+            "awq",
+            "scale_estimation",
+            "gptq",
+            "lora_correction",
+            "sensitivity_metric",
+            "dataset",
+            "subset_size",
+        }
+    ),
+)
