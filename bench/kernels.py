@@ -1,13 +1,20 @@
 """Benchmark of the packed low-bit kernels (bitsweep.kernels.fast); prints one JSON document.
 
     .venv/bin/python bench/kernels.py                  # full run (several minutes)
-    .venv/bin/python bench/kernels.py --quick          # fewer shapes and repeats, for a smoke check
+    .venv/bin/python bench/kernels.py --quick          # one shape, batches 1 and 8, 10 repeats
 
 Method: every candidate of one (shape, batch, threads) cell is timed in the same loop, interleaved, best of
 ``--repeats``; each repeat reads a different copy of the weights, with enough copies that their total exceeds
 twice the last-level cache, so every call streams its weights from memory as in a real forward pass. Results are
 ratios measured in this one run (``speedup_vs_numpy_fp32``: numpy's ``W @ x`` time over the kernel's) plus the
 fraction of the measured read bandwidth each kernel reaches (``roofline``: packed bytes / time / bandwidth).
+The bandwidth is the best of three streaming reads over the same buffer size: a numba int64 sum, numpy's float32
+``sum`` and numpy's own fp32 ``W @ x`` (what the kernels race against).
+
+``OPENBLAS_CORETYPE`` / ``OPENBLAS_L2_SIZE`` (set on some machines for old OpenBLAS builds) slow numpy's BLAS: this
+script unsets both before numpy loads, so the baseline is at its best, and records that it did (never do this in
+tests). The JSON records the CPU model, SIMD flags, cache sizes, library versions and the kernels' instruction
+set (``--isa`` or ``$BITSWEEP_KERNEL_ISA``), and ``targets``: the issue's ratios, measured now, against their goals.
 """
 
 from __future__ import annotations
@@ -22,14 +29,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-# isort: off
-import bitsweep.kernels  # noqa: F401  (sets numba's CPU target, so it must come before numba)
-import numba
-import numpy as np
-from threadpoolctl import threadpool_limits
+# Before numpy (and its OpenBLAS) loads: these slow the fp32 baseline down.
+OPENBLAS_UNSET = {name: os.environ.pop(name, None) for name in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
 
-from bitsweep.kernels import fast
-from bitsweep.kernels.formats import PackedMatrix, prepare_activations, quantize
+# isort: off
+import bitsweep.kernels  # noqa: F401, E402  (sets numba's CPU target, so it must come before numba)
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
+
+from bitsweep.kernels import fast, simd  # noqa: E402
+from bitsweep.kernels.formats import PackedMatrix, prepare_activations, quantize  # noqa: E402
 # isort: on
 
 FORMATS = ["tq2_0", "tq1_0", "binary", "int2", "int3", "int4"]
@@ -52,13 +62,83 @@ def _read_sum(a):
     return s
 
 
-def read_bandwidth(threads: int, size: int, repeats: int) -> float:
-    """Bytes per second of a streaming read of ``size`` bytes (int64 sum), best of ``repeats``."""
+def read_bandwidth(threads: int, size: int, repeats: int) -> dict[str, float]:
+    """Bytes per second of streaming reads of ``size`` bytes, best of ``repeats`` each: a numba int64 sum,
+    numpy's float32 sum and numpy's fp32 ``W @ x`` (BLAS sgemv, 4096 wide rows)."""
     numba.set_num_threads(threads)
     a = np.ones(size // 8, np.int64)
-    _read_sum(a)
-    best = min(_timed(lambda: _read_sum(a)) for _ in range(repeats))
-    return a.nbytes / best
+    w = np.ones((size // 4 // 4096, 4096), np.float32)
+    x = np.ones(4096, np.float32)
+    probes = {"numba_int64_sum": lambda: _read_sum(a), "numpy_f32_sum": lambda: w.sum(dtype=np.float32),
+              "numpy_f32_gemv": lambda: w @ x}  # fmt: skip
+    out = {}
+    with threadpool_limits(threads):
+        for name, fn in probes.items():
+            fn()
+            out[name] = a.nbytes / min(_timed(fn) for _ in range(repeats))
+    return out
+
+
+def host_info() -> dict:
+    """CPU model (/proc/cpuinfo "model name"), SIMD flags, cache sizes, library versions, kernel ISA."""
+    import llvmlite
+
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor() or platform.machine())  # fmt: skip
+    caches = {}
+    for idx in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        kind = (idx / "type").read_text().strip()
+        name = f"L{(idx / 'level').read_text().strip()}{'d' if kind == 'Data' else 'i' if kind == 'Instruction' else ''}"
+        caches[name] = (idx / "size").read_text().strip()
+    from threadpoolctl import threadpool_info
+
+    blas = [{k: v for k, v in lib.items() if k in ("internal_api", "version", "architecture", "num_threads")}
+            for lib in threadpool_info() if lib.get("user_api") == "blas"]  # fmt: skip
+    return {
+        "cpu_model": model, "cores": os.cpu_count(), "machine": platform.machine(),
+        "simd_flags": sorted(simd.cpu_flags() & set(simd.SIMD_FLAGS)), "caches": caches, "llc_bytes": llc_bytes(),
+        "numba": numba.__version__, "llvmlite": llvmlite.__version__, "llvm": ".".join(map(str, llvm_version())),
+        "numpy": np.__version__, "python": platform.python_version(), "blas": blas,
+        "kernel_isa": fast.current_isa(), "available_isas": simd.available_isas(),
+        "numba_cpu_features_no_prefer256": "-prefer-256-bit" in os.environ.get("NUMBA_CPU_FEATURES", ""),
+        "openblas_env_unset_by_bench": {k: v for k, v in OPENBLAS_UNSET.items() if v is not None},
+    }  # fmt: skip
+
+
+def llvm_version() -> tuple[int, ...]:
+    from llvmlite import binding
+
+    return binding.llvm_version_info
+
+
+# (format, batch, threads, what it is compared with, goal): the issue's targets for 4096x4096
+TARGETS = [
+    ("tq2_0", 1, 1, "numpy_fp32", 11.0), ("tq2_0", 1, 2, "numpy_fp32", 10.0), ("tq2_0", 1, 1, "roofline", 0.75),
+    ("tq1_0", 1, 1, "numpy_fp32", 10.0), ("binary", 1, 1, "numpy_fp32", 15.0), ("int4", 1, 1, "numpy_fp32", 6.0),
+    ("tq2_0", 8, 1, "numpy_fp32", 5.0), ("tq1_0", 8, 1, "numpy_fp32", 5.0), ("int4", 8, 1, "numpy_fp32", 5.0),
+]  # fmt: skip
+
+
+def target_rows(cells: list[dict], threads_available: list[int]) -> list[dict]:
+    rows = []
+    for fmt, batch, threads, against, goal in TARGETS:
+        if threads not in threads_available:
+            continue
+        cell = next((c for c in cells if c["shape"] == [4096, 4096] and c["batch"] == batch
+                     and c["threads"] == threads and fmt in c["results"]), None)  # fmt: skip
+        if cell is None:
+            continue
+        res = cell["results"][fmt]
+        now = res["roofline"] if against == "roofline" else res["speedup_vs_numpy_fp32"]
+        what = "fraction of read bandwidth" if against == "roofline" else "x numpy fp32"
+        row = {"format": fmt, "batch": batch, "threads": threads, "measure": what, "now": now, "goal": goal,
+               "met": bool(now >= goal)}  # fmt: skip
+        if against != "roofline" and "speedup_vs_numpy_fp32_cpu_time" in res:
+            row["now_cpu_time"] = res[
+                "speedup_vs_numpy_fp32_cpu_time"
+            ]  # the same ratio in CPU time (contention)
+        rows.append(row)
+    return rows
 
 
 def _timed(fn) -> float:
@@ -111,12 +191,17 @@ def bench_cell(k, batch, threads, weights, args, bandwidth):
                 copies[0].nbytes,
             )
     times = {name: [] for name in cands}
+    cpu = {
+        name: [] for name in cands
+    }  # one thread: the process's CPU time too (not counting time descheduled)
     with threadpool_limits(threads):
         for fn, _ in cands.values():  # warm-up: compile and touch
             fn(0)
         for r in range(args.repeats):
             for name, (fn, _) in cands.items():
+                c0 = time.process_time()
                 times[name].append(_timed(lambda fn=fn, r=r: fn(r + 1)))
+                cpu[name].append(time.process_time() - c0)
     base = min(times["numpy_fp32"])
     cell = {}
     for name, (_, nbytes) in cands.items():
@@ -128,6 +213,12 @@ def bench_cell(k, batch, threads, weights, args, bandwidth):
             "weight_bytes": nbytes,
             "roofline": round(nbytes / best / bandwidth[threads], 3),
         }
+        if threads == 1:
+            best_cpu = max(min(cpu[name]), 1e-9)
+            cell[name]["best_cpu_ms"] = round(best_cpu * 1e3, 4)
+            cell[name]["speedup_vs_numpy_fp32_cpu_time"] = round(
+                max(min(cpu["numpy_fp32"]), 1e-9) / best_cpu, 3
+            )
     return cell
 
 
@@ -176,31 +267,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="one shape, 5 repeats")
+    parser.add_argument("--quick", action="store_true", help="one shape, 10 repeats")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--formats", nargs="+", default=FORMATS)
     parser.add_argument("--fp32-act", action="store_true", help="also time the fp32-activation path (GEMV)")
     parser.add_argument("--mem-cap-gb", type=float, default=3.0, help="memory for weight copies per format")
     parser.add_argument("--model-dir", type=Path, help="an HF model folder: also time end-to-end generation")
     parser.add_argument("--model-only", action="store_true", help="only the end-to-end part")
+    parser.add_argument("--isa", help=f"kernel instruction set: auto or one of {', '.join(simd.ISAS)}")
     args = parser.parse_args()
+    if args.isa:
+        fast.set_isa(args.isa)
     shapes = [(4096, 4096), (11008, 4096)]
     batches = [1, 8, 32]
     if args.quick:
-        shapes, batches, args.repeats = [(4096, 4096)], [1, 8], 5
+        shapes, batches, args.repeats = [(4096, 4096)], [1, 8], 10
     all_threads = numba.config.NUMBA_NUM_THREADS
     thread_counts = sorted({1, all_threads})
     llc = llc_bytes()
     cap = int(args.mem_cap_gb * 2**30)
     bw_size = min(cap, max(4 * llc, 2**30))
-    bandwidth = {t: read_bandwidth(t, bw_size, 5) for t in thread_counts}
+    probes = {t: read_bandwidth(t, bw_size, 5) for t in thread_counts}
+    bandwidth = {t: max(p.values()) for t, p in probes.items()}
     report = {
-        "host": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "llc_bytes": llc,
-                 "numba": numba.__version__, "numpy": np.__version__,
-                 "numba_cpu_features_no_prefer256": "-prefer-256-bit" in os.environ.get("NUMBA_CPU_FEATURES", "")},
+        "host": host_info(),
         "method": {"repeats": args.repeats, "statistic": "best", "interleaved": True,
-                   "weights_streamed_from_memory": True},
+                   "weights_streamed_from_memory": True, "bandwidth": "best of the probes"},
         "read_bandwidth_gb_s": {str(t): round(b / 1e9, 2) for t, b in bandwidth.items()},
+        "read_bandwidth_probes_gb_s": {str(t): {k: round(v / 1e9, 2) for k, v in p.items()} for t, p in probes.items()},
         "cells": [],
     }  # fmt: skip
     if args.model_dir:
@@ -229,6 +323,9 @@ def main() -> None:
                       + ", ".join(f"{n} {v['speedup_vs_numpy_fp32']}x" for n, v in cell.items()),
                       file=sys.stderr)  # fmt: skip
         del weights
+    report["targets"] = target_rows(report["cells"], thread_counts)
+    for row in report["targets"]:
+        print("# target " + json.dumps(row), file=sys.stderr)
     print(json.dumps(report, indent=1))
 
 

@@ -7,7 +7,7 @@
 # the host CPU), which a conda package of llama.cpp could not reproduce. That lint is accepted.
 #
 # Params carry exactly what changes a job's output (so a change re-runs what it affects and nothing else):
-# threads and mem_mb are resources, eval.speed and eval.top_k reach only evaluations.
+# threads and mem_mb are resources, eval.speed and eval.threads reach only evaluations.
 import os
 import sys
 from pathlib import Path

@@ -24,7 +24,7 @@ rule evaluate_reference:
         windows=f"{OUT}/windows/{{model}}.npz",
     output:
         result=f"{OUT}/evaluated/{{model}}/reference/fp32.json",
-        logits=f"{OUT}/reference/{{model}}/topk_logprobs.npz",
+        reference=directory(f"{OUT}/reference/{{model}}"),
     log:
         f"{LOGS}/evaluate/{{model}}/reference/fp32.log",
     benchmark:
@@ -39,14 +39,14 @@ rule evaluate_reference:
     shell:
         "python scripts/run_stage.py evaluate_reference --model {params.model:q} --model-dir {input.model:q}"
         " --windows-path {input.windows:q} --cfg {params.eval:q} --out-json {output.result:q}"
-        " --out-logits {output.logits:q} --threads {threads} > {log:q} 2>&1"
+        " --out-reference {output.reference:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule evaluate:
     input:
         artifact=f"{OUT}/quantized/{{model}}/{{backend}}/{{scheme}}",
         windows=f"{OUT}/windows/{{model}}.npz",
-        reference=f"{OUT}/reference/{{model}}/topk_logprobs.npz",
+        reference=f"{OUT}/reference/{{model}}",
     output:
         f"{OUT}/evaluated/{{model}}/{{backend}}/{{scheme}}.json",
     log:

@@ -1,7 +1,13 @@
 """Packed low-bit formats: the NumPy reference against llama.cpp's gguf-py, and the numba kernels against the
-reference (bit-exact on the int8 path)."""
+reference (bit-exact on the int8 path, on every instruction-set path this machine has and on the forced
+portable fallback)."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -15,8 +21,19 @@ gguf_quants = pytest.importorskip("gguf.quants")
 from gguf import GGMLQuantizationType  # noqa: E402
 
 fast = pytest.importorskip("bitsweep.kernels.fast")
+from bitsweep.kernels import simd  # noqa: E402
 
 GGUF_TYPES = {"tq2_0": GGMLQuantizationType.TQ2_0, "tq1_0": GGMLQuantizationType.TQ1_0}
+
+
+@pytest.fixture(params=simd.available_isas())
+def isa(request):
+    """Each instruction-set path this machine can run, ``portable`` (the forced fallback) always. The paths this
+    CPU lacks are not collected (CI fails on skips); test_simd_paths_compile_to_their_instructions still
+    compiles each of them for a CPU that has it."""
+    previous = fast.set_isa(request.param)
+    yield request.param
+    fast.set_isa(previous)
 
 
 def weights(rows: int, k: int, seed: int = 0) -> np.ndarray:
@@ -61,7 +78,7 @@ def test_bitnet_absmean_gives_ternary_weights_and_gguf_reads_them(name):
     [(name, "absmax") for name in sorted(FORMATS)] + [(n, "absmean") for n in ("tq1_0", "tq2_0", "binary")],
 )
 @pytest.mark.parametrize("k", [512, 700])  # 700: padded up to whole groups
-def test_numba_kernels_match_reference(name, scale, k):
+def test_numba_kernels_match_reference(name, scale, k, isa):
     """absmean: one scale per row, so the int8 path sums whole rows (formats.uniform_row_scales)."""
     w = weights(37, k)
     x = np.random.default_rng(5).standard_normal((5, k)).astype(np.float32)
@@ -212,3 +229,90 @@ def test_plane_map_covers_every_input_element_once(name):
     used = np.sort(index[index >= 0])
     times = 2 if name == "int3" else 1  # int3: once for the low two bits, once for the high bit
     np.testing.assert_array_equal(used, np.repeat(np.arange(4 * group), times))
+
+
+def test_every_isa_path_gives_the_same_bits(monkeypatch):
+    """Same inputs through every available path and the forced fallback (as on another x86 host): identical
+    outputs, equal to the reference. Shapes with tails: rows not a multiple of the vector width in bytes,
+    batches not a multiple of four tokens, a last group shorter than a vector (tq1_0's 52 bytes)."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((9, 1300)).astype(np.float32)
+    previous = fast.current_isa()
+    try:
+        for name in sorted(FORMATS):
+            for scale in ("absmax", "absmean") if FORMATS[name].sign_scaled else ("absmax",):
+                pm = ref.quantize(weights(45, 1300, seed=3), name, scale=scale)
+                want = {act: ref.gemm(pm, x, act) for act in ("int8", "int8_block")}
+                for path in simd.available_isas():
+                    fast.set_isa(path)
+                    for act, expected in want.items():
+                        np.testing.assert_array_equal(
+                            fast.gemm(pm, x, act), expected, err_msg=f"{name} {path}"
+                        )
+                        np.testing.assert_array_equal(fast.gemm(pm, x[:1], act), expected[:1])
+                    np.testing.assert_array_equal(fast.linear_token(pm, x[2]), want["int8"][2])
+        monkeypatch.setenv(simd.ENV, "portable")  # the environment variable forces the fallback too
+        fast.set_isa()
+        assert fast.current_isa() == "portable"
+    finally:
+        fast.set_isa(previous)
+
+
+def test_isa_choice_is_checked():
+    available = simd.available_isas()
+    assert available[-1] == "portable" and simd.select_isa("auto") == available[0]
+    assert simd.select_isa("PORTABLE") == "portable"
+    with pytest.raises(ConfigError, match="known: auto, avx512vnni"):
+        simd.select_isa("neon")
+    for missing in set(simd.ISAS) - set(available):
+        with pytest.raises(ConfigError, match="supports only"):
+            simd.select_isa(missing)
+
+
+# A CPU that has each path's instructions, for LLVM to compile for when this machine lacks them.
+CROSS_TARGETS = {
+    "avx512vnni": ("sapphirerapids", "avx512f,avx512bw,avx512vl,avx512dq,avx512cd,avx512vnni,avxvnni"),
+    "avx512bw": ("skylake-avx512", "avx512f,avx512bw,avx512vl,avx512dq,avx512cd"),
+    "avxvnni": ("alderlake", "avxvnni"),
+    "avx2": ("haswell", ""),
+}
+EXPECTED_ASM = {"avx512vnni": ("vpdpbusd", "zmm"), "avx512bw": ("vpmaddubsw", "zmm"),
+                "avxvnni": ("vpdpbusd", "{vex}"), "avx2": ("vpmaddubsw", "ymm")}  # fmt: skip
+
+
+@pytest.mark.parametrize("path", [p for p in simd.ISAS if p != "portable"])
+def test_simd_paths_compile_to_their_instructions(path, tmp_path):
+    """Every SIMD path compiles (for a CPU that has it, in a subprocess: numba's target is fixed at import) to
+    its dot-product instruction. Paths this machine can run are also checked bit for bit above."""
+    cpu, extra = CROSS_TARGETS[path]
+    features = ",".join(f"+{f}" for f in ["avx", "avx2", "fma", "f16c", "bmi", "bmi2", "popcnt", "sse4.2",
+                                          *filter(None, extra.split(","))])  # fmt: skip
+    script = textwrap.dedent(f"""
+        from numba import njit, types
+        from bitsweep.kernels import simd
+
+        @njit
+        def row(kern, qs, i, planes):
+            return simd.span(kern, qs, i, planes, 0, 0, qs.shape[1])
+
+        @njit
+        def groups(kern, qs, i, planes, sums):
+            simd.group_sums4(kern, qs, i, planes, 0, 96, sums, 0)  # int3: 64 + 32 bytes
+
+        for kind in ("2", "t", "1", "4", "3"):
+            args = (simd.KernType({path!r}, kind), types.uint8[:, ::1], types.intp, types.int8[:, :, ::1])
+            for fn, sig in ((row, args), (groups, args + (types.int32[:, :, ::1],))):
+                fn.compile(sig)
+                print("@@", kind, fn.inspect_asm(fn.signatures[-1]).count({EXPECTED_ASM[path][0]!r}),
+                      "{EXPECTED_ASM[path][1]}" in fn.inspect_asm(fn.signatures[-1]))
+    """)
+    env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES=features, NUMBA_CACHE_DIR=str(tmp_path))
+    env.pop(simd.ENV, None)
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line.split() for line in done.stdout.splitlines() if line.startswith("@@")]
+    assert len(lines) == 10
+    for _, kind, count, wide in lines:
+        assert int(count) > 0 and wide == "True", (path, kind, count, wide)

@@ -4,6 +4,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bitsweep.config import TrackingConfig
@@ -15,9 +16,14 @@ from bitsweep.tracking import check_tracking_reachable, flatten, init_tracking, 
 
 def result(backend: str, scheme: str, bits: int, ppl: float, kld: float, size: float, bpw: float) -> dict:
     metrics = {"ppl": ppl, "kld": kld, "top1": 1 - kld, "size_mb": size, "bpw": bpw, "pp_tok_s": 300.0,
-               "tg_tok_s": 100.0 / size, "peak_rss_mb": 900.0}  # fmt: skip
+               "tg_tok_s": 100.0 / size, "peak_rss_mb": 900.0, "kld_lo": kld * 0.9, "kld_hi": kld * 1.1}  # fmt: skip
+    # 4 windows of 100 positions: KLD per window around the mean, +-5% (a spread the intervals can resolve at
+    # 0.004 vs 0.05, not at 0.4 vs 0.41)
+    spread = [0.95, 1.05, 1.0, 1.0]
+    per_window = {"all": {"n": [100.0] * 4, "kld": [100 * kld * f for f in spread],
+                          "nll": [100 * np.log(ppl)] * 4, "top1": [100 * (1 - kld)] * 4}}  # fmt: skip
     return {"model": "m", "backend": backend, "scheme": scheme, "bits": bits, "status": "ok", "metrics": metrics,
-            "artifact": {"versions": {"llama_cpp_python": "0.3.36"}}}  # fmt: skip
+            "per_window": per_window, "artifact": {"versions": {"llama_cpp_python": "0.3.36"}}}  # fmt: skip
 
 
 @pytest.fixture
@@ -28,6 +34,7 @@ def results(tmp_path):
         result("llamacpp", "q4_k_m", 4, 16.0, 0.05, 100, 6.2),
         result("llamacpp", "q2_k", 2, 21.0, 0.4, 84, 5.1),
         result("llamacpp", "bad", 2, 30.0, 0.9, 90, 5.5),  # dominated by q2_k
+        result("llamacpp", "tq1_0", 1, 114044705.765, 9.7, 60, 1.7),  # destroyed
     ]
     return [write_json(tmp_path / f"{r['scheme']}.json", r) for r in rows]
 
@@ -36,9 +43,13 @@ def test_report_tables_and_plots(tmp_path, results):
     rows = aggregate_results(results, tmp_path / "report")
     assert rows[0]["scheme"] == "fp32"
     md = (tmp_path / "report" / "results.md").read_text()
-    assert "| llamacpp | q4_k_m | 4 | 6.20 | 100.0 | 16.000 | +6.67 | 0.0500 | 95.0% |" in md
+    assert "| llamacpp | q4_k_m | 4 | 6.20 | 100.0 | 16 | – | 0.05 [0.045, 0.055] | 95 |" in md
+    assert "| llamacpp | tq1_0 | 1 | 1.70 | 60.0 | 1.1e+08 |" in md  # not 114044705.765
+    assert "How to read this table" in md and "95% paired bootstrap" in md
+    # ladder neighbours (by bits/weight): q8_0 -> q4_k_m resolved, q4_k_m -> bad, bad -> q2_k, q2_k -> tq1_0
+    assert "| llamacpp | q8_0 | q4_k_m | 0.046 [" in md and "| yes |" in md
     csv_text = (tmp_path / "report" / "results.csv").read_text()
-    assert csv_text.count("\n") == 6
+    assert csv_text.count("\n") == 7 and "per_window" not in csv_text
     for name in ("kld_vs_size.png", "ppl_vs_bpw.png", "speed_vs_size.png"):
         assert (tmp_path / "report" / name).read_bytes()[:4] == b"\x89PNG"
 
@@ -177,7 +188,7 @@ def test_parallel_jobs_log_to_a_tracking_server(tmp_path, results, mlflow_server
     children = client.search_runs(
         [sweep["experiment_id"]], f"tags.mlflow.parentRunId = '{sweep['parent_run_id']}'"
     )
-    assert len(children) == len(results) + len(more) == 11
+    assert len(children) == len(results) + len(more) == 12
     v3 = next(r for r in children if r.info.run_name == "llamacpp/v3")
     assert v3.data.metrics["kld"] == pytest.approx(0.004)
     assert {a.path for a in client.list_artifacts(v3.info.run_id)} >= {"v3.json"}

@@ -25,7 +25,7 @@ from .conftest import ROOT
 pytestmark = [pytest.mark.workflow, pytest.mark.slow, pytest.mark.llamacpp, pytest.mark.openvino,
               pytest.mark.onnx, pytest.mark.mlx]  # fmt: skip
 
-WORKFLOW_FILES = ["Snakefile", "rules", "configs", "scripts", "profiles", "report"]
+WORKFLOW_FILES = ["Snakefile", "rules", "configs", "scripts", "profiles", "report", "tests/data"]
 
 
 # Credentials a user may have in the environment: they must never reach a log, a result, a report or MLflow.
@@ -42,6 +42,8 @@ def test_ci_runs_the_screenshot_job():
     from .ci_policy import ci_enabled
 
     assert CHROMIUM or not ci_enabled(), "CI=true but no chromium: scripts/install.sh could not install it"
+
+
 # The backends of the smoke sweep, and overrides that leave only llama.cpp in it (the short SLURM run).
 SWEPT = ("llamacpp", "openvino", "bitnet", "onnxruntime", "olive", "qnn", "mlx")
 ONLY_LLAMACPP = [f"sweep.{b}=[]" for b in SWEPT if b != "llamacpp"]
@@ -187,6 +189,13 @@ def test_report_and_mlflow_runs(sweep):
     assert len(runs) == 15
     q8 = next(r for r in runs if r.info.run_name == "llamacpp/q8_0")
     assert q8.data.params["options.type"] == "Q8_0" and q8.data.metrics["kld"] > 0
+    # intervals, the llama.cpp protocol, agreement, task accuracy and flips reach every run
+    for run in runs:
+        keys = set(run.data.metrics)
+        assert {"ppl_llamacpp", "bits_per_byte", "task.bitsweep_mc.acc"} <= keys, run.info.run_name
+        if run.info.run_name != "reference/fp32":
+            assert {"kld_lo", "kld_hi", "ppl_ratio_lo", "greedy_prefix_match",
+                    "task.bitsweep_mc.flips_right_to_wrong"} <= keys, run.info.run_name  # fmt: skip
 
 
 def test_credentials_in_the_environment_never_reach_outputs(sweep):
@@ -219,7 +228,7 @@ ARTIFACT_RULES = {"download_model", "prepare_text", "tokenize_eval", "convert", 
     ("override", "reruns"),
     [
         ("eval.speed.repeats=4", {"evaluate_reference", "evaluate"}),
-        ("eval.top_k=128", {"evaluate_reference", "evaluate"}),
+        ("eval.speed.gen_tokens=24", {"evaluate_reference", "evaluate"}),
         ("+backends.qnn.mem_mb=9000", set()),
         ("+backends.llamacpp.threads=1", set()),
         ("eval.threads=1", {"evaluate_reference", "evaluate"}),  # speed depends on it
@@ -482,3 +491,32 @@ def test_a_new_backend_is_one_package_one_registry_entry_and_its_yaml(sweep, tmp
     assert 0 < row["metrics"]["kld"] < 0.05 and row["metrics"]["top1"] > 0.9  # bf16 rounding: small, not zero
     assert row["comparability"]["windows_sha256"] == reference["comparability"]["windows_sha256"]
     assert "| castfp | bf16 |" in (sweep / "results/plugin/report/results.md").read_text()
+
+
+def test_llamacpp_protocol_equals_llama_perplexity_and_its_kl_divergence(sweep, tmp_path):
+    """llama.cpp's own llama-perplexity on the sweep's windows (the decoded windows as its text file): our
+    ``llamacpp`` protocol gives its perplexity to the printed precision, on the f32 GGUF and on Q4_K_M, and our
+    full-vocabulary KLD (against a reference made from the same f32 GGUF) is within 1% of its --kl-divergence."""
+    from bitsweep.backends.llamacpp.perplexity import llama_perplexity, windows_text
+    from bitsweep.backends.llamacpp.runner import Runner
+    from bitsweep.config import EvalConfig
+    from bitsweep.evaluate import Reference, score
+    from bitsweep.text import Windows
+
+    complete(sweep)
+    windows = Windows.load(sweep / "results/smoke/windows/smollm2-135m.npz")
+    f32 = sweep / "results/smoke/converted/smollm2-135m/gguf"
+    q4 = sweep / "results/smoke/quantized/smollm2-135m/llamacpp/q4_k_m"
+    text, base_file = tmp_path / "windows.txt", tmp_path / "base.kld"
+    with Runner(f32, 2, windows.n_ctx) as base:
+        text.write_bytes(windows_text(windows.ids, base.detokenize))
+        ours_base, _ = score(base, windows, None, EvalConfig(), keep=tmp_path / "reference")
+    with Runner(q4, 2, windows.n_ctx) as variant:
+        ours, _ = score(variant, windows, Reference.load(tmp_path / "reference"), EvalConfig())
+    theirs_base = llama_perplexity(f32, text, windows.n_ctx, windows.n_windows, kld_base=base_file)
+    theirs = llama_perplexity(q4, text, windows.n_ctx, windows.n_windows, kld_base=base_file, kld=True)
+    assert f"{ours_base['ppl_llamacpp']:.4f}" == f"{theirs_base['ppl']:.4f}", (ours_base, theirs_base)
+    assert f"{ours['ppl_llamacpp']:.6f}" == f"{theirs['ppl_q']:.6f}", (ours, theirs)
+    assert ours["kld_llamacpp"] == pytest.approx(theirs["kld"], rel=0.01), (ours, theirs)
+    assert ours["top1_llamacpp"] == pytest.approx(theirs["same_top_pct"] / 100, abs=0.01)
+    assert ours["ppl"] != ours["ppl_llamacpp"]  # the two protocols score different positions

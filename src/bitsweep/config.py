@@ -104,20 +104,42 @@ class SpeedConfig:
 
 
 @dataclass(frozen=True)
+class AgreementConfig:
+    """Greedy-continuation agreement with the reference: the first ``prompt_tokens`` of each of the first
+    ``prompts`` windows, continued greedily for ``new_tokens`` by the reference and by each variant. 0 prompts:
+    off."""
+
+    prompts: int = 8
+    prompt_tokens: int = 64
+    new_tokens: int = 32
+
+    def __post_init__(self) -> None:
+        if self.prompts < 0 or self.prompt_tokens < 1 or self.new_tokens < 1:
+            raise ConfigError("eval.agreement: prompts >= 0, prompt_tokens >= 1 and new_tokens >= 1")
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     text: TextConfig = field(default_factory=TextConfig)
     n_ctx: int = 512
     n_windows: int = 8
-    top_k: int = 256  # reference log-probs kept per position for KL divergence (plus one tail bucket)
     threads: int = 2
     speed: SpeedConfig = field(default_factory=SpeedConfig)
+    agreement: AgreementConfig = field(default_factory=AgreementConfig)
+    # lm-eval tasks (loglikelihood / multiple choice) scored on every variant, with flips against the reference:
+    # e.g. [hellaswag, arc_easy, piqa, winogrande] (online), or local task YAMLs found under task_paths.
+    tasks: list[str] = field(default_factory=list)
+    task_paths: list[str] = field(default_factory=list)
+    task_limit: int | None = None  # questions per task (None: all)
 
     def __post_init__(self) -> None:
-        for key in ("n_ctx", "n_windows", "top_k", "threads"):
+        for key in ("n_ctx", "n_windows", "threads"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"eval.{key} must be >= 1, got {getattr(self, key)}")
         if self.speed.prompt_tokens + self.speed.gen_tokens > self.n_ctx:
             raise ConfigError("eval.speed.prompt_tokens + gen_tokens must fit in eval.n_ctx")
+        if self.agreement.prompt_tokens + self.agreement.new_tokens > self.n_ctx:
+            raise ConfigError("eval.agreement.prompt_tokens + new_tokens must fit in eval.n_ctx")
 
 
 @dataclass(frozen=True)

@@ -21,30 +21,71 @@ import numpy as np
 from bitsweep.backends.base import Runner
 from bitsweep.config import EvalConfig
 from bitsweep.errors import ComparabilityError
-from bitsweep.metrics import QualityAccumulator, ReferenceTopK
+from bitsweep.manifest import read_json, write_json
+from bitsweep.metrics import QualityAccumulator, ReferenceRows
+from bitsweep.stats import intervals
 from bitsweep.text import Windows
 
 log = logging.getLogger(__name__)
 
 
+CODES = "logprobs.npy"  # (n_windows, n_ctx - 1, V) uint16: the 16-bit full-vocabulary log-probs
+ROWS = "rows.npz"  # per row: low, scale, top1; and the windows' sha256
+SUMS = "per_window.json"  # the reference's own per-window sums, by protocol (for paired intervals)
+GREEDY = "greedy.npy"  # (prompts, new_tokens) int32: the reference's greedy continuations
+TASKS = "tasks.json"  # the reference's per-question correctness on eval.tasks (for flips)
+TOKENIZER = "tokenizer"  # the reference tokenizer: lm-eval tasks are tokenized by it for every runtime
+
+
 @dataclass(frozen=True)
-class ReferenceLogits:
-    """Per window: the reference's top-k ids/log-probs at every scored position. Saved as one .npz."""
+class Reference:
+    """The reference every variant is compared to: a folder with the 16-bit log-probs of every scored position
+    (memory-mapped when read), each row's range and top-1 id, and the reference's own per-window sums."""
 
-    ids: np.ndarray  # (n_windows, n_ctx - 1, k) int32
-    logp: np.ndarray  # (n_windows, n_ctx - 1, k) float32
+    codes: np.ndarray
+    low: np.ndarray
+    scale: np.ndarray
+    top1: np.ndarray
     windows_sha256: str
+    per_window: dict[str, dict[str, list[float]]]
+    greedy: np.ndarray | None = None
+    tasks: dict[str, Any] | None = None
+    path: Path | None = None
 
-    def window(self, i: int) -> ReferenceTopK:
-        return ReferenceTopK(self.ids[i], self.logp[i])
-
-    def save(self, path: str | Path) -> None:
-        np.savez(path, ids=self.ids, logp=self.logp, windows_sha256=self.windows_sha256)
+    def window(self, i: int) -> ReferenceRows:
+        return ReferenceRows(np.asarray(self.codes[i]), self.low[i], self.scale[i], self.top1[i])
 
     @classmethod
-    def load(cls, path: str | Path) -> ReferenceLogits:
-        with np.load(path) as data:
-            return cls(data["ids"], data["logp"], str(data["windows_sha256"]))
+    def load(cls, path: str | Path) -> Reference:
+        path = Path(path)
+        with np.load(path / ROWS) as rows:
+            greedy = np.load(path / GREEDY) if (path / GREEDY).is_file() else None
+            tasks = read_json(path / TASKS) if (path / TASKS).is_file() else None
+            return cls(np.load(path / CODES, mmap_mode="r"), rows["low"], rows["scale"], rows["top1"],
+                       str(rows["windows_sha256"]), read_json(path / SUMS), greedy, tasks, path)  # fmt: skip
+
+
+class ReferenceWriter:
+    """Writes a :class:`Reference` window by window (the codes go straight to a memory-mapped file)."""
+
+    def __init__(self, path: str | Path, windows: Windows, n_vocab: int) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        shape = (windows.n_windows, windows.n_ctx - 1)
+        self.codes = np.lib.format.open_memmap(self.path / CODES, "w+", np.uint16, (*shape, n_vocab))
+        self.low, self.scale = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        self.top1 = np.zeros(shape, np.int32)
+        self.windows_sha256 = windows.digest
+
+    def put(self, i: int, rows: ReferenceRows) -> None:
+        self.codes[i], self.low[i], self.scale[i], self.top1[i] = rows.codes, rows.low, rows.scale, rows.top1
+
+    def finish(self, per_window: dict[str, dict[str, list[float]]]) -> None:
+        self.codes.flush()
+        del self.codes
+        np.savez(self.path / ROWS, low=self.low, scale=self.scale, top1=self.top1,
+                 windows_sha256=self.windows_sha256)  # fmt: skip
+        write_json(self.path / SUMS, per_window)
 
 
 def check_tokenizer(runner: Runner, windows: Windows) -> None:
@@ -88,16 +129,17 @@ def measure_speed(runner: Runner, windows: Windows, cfg: EvalConfig) -> dict[str
 
 
 def score(
-    runner: Runner, windows: Windows, reference: ReferenceLogits | None, cfg: EvalConfig, keep_top_k: int = 0
-) -> tuple[dict[str, Any], ReferenceLogits | None]:
-    """Quality over all windows (and, with ``keep_top_k``, the top-k log-probs to serve as the reference)."""
+    runner: Runner, windows: Windows, reference: Reference | None, cfg: EvalConfig, keep: Path | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Quality over all windows: (metrics, per-window sums by protocol). With ``keep`` (the reference run),
+    the runner's log-probs are written there as the reference every variant is compared to."""
     if reference is not None and reference.windows_sha256 != windows.digest:
         raise ComparabilityError(
             "reference logits were computed on other token windows; re-run the reference"
         )
     check_tokenizer(runner, windows)
     acc = QualityAccumulator()
-    kept: list[ReferenceTopK] = []
+    writer = None
     started = time.perf_counter()
     for i, ids in enumerate(windows.ids):
         logits = runner.logits(ids)
@@ -105,23 +147,63 @@ def score(
             raise ComparabilityError(
                 f"runner returned {logits.shape[0]} rows of logits for {len(ids)} tokens"
             )
-        acc.add(ids, logits, reference.window(i) if reference is not None else None)
-        if keep_top_k:
-            kept.append(ReferenceTopK.from_logits(logits, keep_top_k))
+        logp = acc.add(ids, logits, reference.window(i) if reference is not None else None)
+        if keep is not None:
+            writer = writer or ReferenceWriter(keep, windows, logits.shape[1])
+            writer.put(i, ReferenceRows.from_logp(logp))
         log.info("window %d/%d scored", i + 1, windows.n_windows)
-    metrics = acc.summary() | {"score_seconds": time.perf_counter() - started}
-    if not keep_top_k:
-        return metrics, None
-    ref = ReferenceLogits(
-        np.stack([k.ids for k in kept]), np.stack([k.logp for k in kept]), windows_sha256=windows.digest
+    per_window = acc.per_window()
+    metrics = acc.summary(sum(windows.scored_bytes), sum(windows.scored_words))
+    metrics |= {"score_seconds": time.perf_counter() - started, "n_windows": windows.n_windows}
+    if reference is not None:
+        metrics |= intervals(per_window["all"], reference.per_window["all"])
+    if writer is not None:
+        writer.finish(per_window)
+    return metrics, per_window
+
+
+def agreement_prompts(windows: Windows, cfg: EvalConfig) -> np.ndarray:
+    """(prompts, prompt_tokens) ids: the start of each of the first windows (the evaluation text itself)."""
+    n = min(cfg.agreement.prompts, windows.n_windows)
+    return windows.ids[:n, : cfg.agreement.prompt_tokens]
+
+
+def continuations(runner: Runner, windows: Windows, cfg: EvalConfig) -> np.ndarray:
+    prompts = agreement_prompts(windows, cfg)
+    return (
+        np.stack([runner.greedy(p, cfg.agreement.new_tokens) for p in prompts])
+        if len(prompts)
+        else np.empty((0, 0))
     )
-    metrics["ref_tail_mass"] = float(np.mean([1 - np.exp(k.logp.astype(np.float64)).sum(-1) for k in kept]))
-    return metrics, ref
+
+
+def greedy_agreement(ours: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """How far each greedy continuation follows the reference's: the matching prefix (tokens before the first
+    difference) and matching positions, as shares of the continuation length, averaged over prompts."""
+    if reference.size == 0 or ours.shape != reference.shape:
+        return {}
+    same = ours == reference
+    prefix = np.where(same.all(axis=1), same.shape[1], np.argmin(same, axis=1))
+    return {
+        "greedy_prefix_match": float(prefix.mean() / same.shape[1]),
+        "greedy_token_match": float(same.mean()),
+    }
+
+
+def evaluate_tasks(runner: Runner, cfg: EvalConfig, reference: Reference | None, keep: Path | None) -> dict:
+    """lm-eval tasks on this runner; the reference keeps its per-question results, a variant gets flips."""
+    from bitsweep.tasks import run_tasks, task_metrics
+
+    tokenizer = (keep if keep is not None else reference.path) / TOKENIZER
+    ours = run_tasks(runner, tokenizer, cfg.tasks, cfg.task_paths, cfg.task_limit)
+    if keep is not None:
+        write_json(keep / TASKS, ours)
+    return task_metrics(ours, reference.tasks if reference is not None else None)
 
 
 def evaluate_runner(
-    load_runner, windows: Windows, reference: ReferenceLogits | None, cfg: EvalConfig, keep_top_k: int = 0
-) -> tuple[dict[str, Any], ReferenceLogits | None]:
+    load_runner, windows: Windows, reference: Reference | None, cfg: EvalConfig, keep: Path | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load (timed, with memory measured), score, time generation. ``load_runner()`` returns a Runner."""
     baseline = rss_mb()
     started = time.perf_counter()
@@ -136,10 +218,17 @@ def evaluate_runner(
             "peak_rss_mb": peak_rss_mb(),
             "model_rss_mb": peak_rss_mb() - baseline,
         }
-        quality, ref = score(runner, windows, reference, cfg, keep_top_k)
+        quality, per_window = score(runner, windows, reference, cfg, keep)
+        greedy = continuations(runner, windows, cfg)
+        if keep is not None:
+            np.save(Path(keep) / GREEDY, greedy.astype(np.int32))
+        elif reference is not None and reference.greedy is not None:
+            quality |= greedy_agreement(greedy, reference.greedy)
+        if cfg.tasks:
+            quality |= evaluate_tasks(runner, cfg, reference, keep)
     finally:
         runner.close()
-    return quality | metrics, ref
+    return quality | metrics, per_window
 
 
 def comparability(windows: Windows, reference_path: str | Path | None) -> dict[str, Any]:
@@ -150,6 +239,7 @@ def comparability(windows: Windows, reference_path: str | Path | None) -> dict[s
         "eval_text_sha256": windows.text_sha256,
         "n_windows": windows.n_windows,
         "n_ctx": windows.n_ctx,
-        "reference_sha256": sha256_file(reference_path) if reference_path else None,
+        "bos": windows.bos,
+        "reference_sha256": sha256_file(Path(reference_path) / ROWS) if reference_path else None,
         "tokenizer_check": "decoded bytes identical to the reference tokenizer on every window",
     }

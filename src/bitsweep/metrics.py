@@ -1,9 +1,17 @@
 """Quality metrics against one full-precision reference, computed window by window in NumPy.
 
-The reference keeps, per scored position, its ``top_k`` log-probabilities and token ids plus one "tail" bucket
-holding the rest of the probability mass. KL divergence is computed exactly on that (k + 1)-way partition of
-the vocabulary; by the data-processing inequality it is a lower bound on the full-vocabulary KL, and with
-k = 256 the tail holds a tiny share of the mass (recorded as ``ref_tail_mass``).
+The reference keeps, per scored position, its full-vocabulary log-probabilities at 16 bits, as llama.cpp's
+``--kl-divergence-base`` does (:class:`ReferenceRows`): each row stores the log-probs within
+``LOGP_RANGE`` nats of its most likely token as uint16 codes on a uniform grid (step 24 / 65535 = 3.7e-4 nats);
+tokens below that range (probability < e^-24 of the top token's) count as probability 0. KL divergence is the
+full-vocabulary sum over that reference, renormalised. (:class:`ReferenceTopK`, top-k + one tail bucket, is a
+lower bound kept for quick checks in tests.)
+
+Protocols (which positions are scored, all from the same per-position log-probs):
+  ``all``       every position of every window (tokens 1..n-1 given their prefix)
+  ``llamacpp``  the second half of each window, as llama.cpp's ``llama-perplexity`` scores a chunk
+  ``lm_eval``   all positions, normalised per word and per byte of the text they score (lm-eval's
+                word_perplexity, byte_perplexity, bits_per_byte)
 
 Shapes: a window has n tokens; logits are (n, V); positions 0..n-2 predict tokens 1..n-1.
 """
@@ -13,6 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+
+LOGP_RANGE = 24.0  # nats below a row's most likely token that the 16-bit reference keeps
+CODE_MAX = 65535
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -62,6 +73,43 @@ def kl_from_logp(ref: ReferenceTopK, q_all: np.ndarray) -> np.ndarray:
     return np.maximum(kl, 0.0)
 
 
+@dataclass(frozen=True)
+class ReferenceRows:
+    """One window of the 16-bit reference: (n-1, V) uint16 codes, 0 meaning "below the stored range"; per row the
+    log-prob of code 0 (``low``) and the step (``scale``); the reference's top-1 ids from its exact logits."""
+
+    codes: np.ndarray  # (n-1, V) uint16
+    low: np.ndarray  # (n-1,) float32
+    scale: np.ndarray  # (n-1,) float32
+    top1: np.ndarray  # (n-1,) int32
+
+    @classmethod
+    def from_logp(cls, logp: np.ndarray) -> ReferenceRows:
+        """From the reference's (n-1, V) float64 log-probs."""
+        high = logp.max(axis=-1, keepdims=True)
+        low = high - LOGP_RANGE
+        scale = np.float32(LOGP_RANGE / CODE_MAX)
+        codes = np.rint((logp - low) / scale)
+        codes = np.where(logp > low, np.clip(codes, 1, CODE_MAX), 0).astype(np.uint16)
+        return cls(codes, low[:, 0].astype(np.float32), np.full(len(logp), scale, np.float32),
+                   logp.argmax(axis=-1).astype(np.int32))  # fmt: skip
+
+    def logp(self) -> np.ndarray:
+        """(n-1, V) float64 log-probs, -inf below the stored range, renormalised over what is kept."""
+        lp = self.low[:, None].astype(np.float64) + self.scale[:, None].astype(np.float64) * self.codes
+        lp[self.codes == 0] = -np.inf
+        return lp - np.log(np.exp(lp).sum(axis=-1, keepdims=True))
+
+
+def kl_full(ref: ReferenceRows, q_logp: np.ndarray) -> np.ndarray:
+    """Per-position KL(reference || variant) over the whole vocabulary; shape (n-1,)."""
+    p = ref.logp()
+    kept = np.isfinite(p)
+    p = np.where(kept, p, 0.0)  # tokens below the stored range: probability 0, no term
+    terms = np.exp(p) * (p - np.where(kept, q_logp, 0.0)) * kept
+    return np.maximum(terms.sum(axis=-1), 0.0)
+
+
 def token_nll(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """Negative log-likelihood of tokens 1..n-1 given their prefixes; shape (n-1,)."""
     return nll_from_logp(log_softmax(logits[:-1]), ids)
@@ -71,24 +119,62 @@ def nll_from_logp(logp: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return -np.take_along_axis(logp, ids[1:, None].astype(np.int64), axis=-1)[:, 0]
 
 
+PROTOCOLS = ("all", "llamacpp")  # position sets; lm_eval normalises "all" per word and byte
+
+
+def scored(protocol: str, n_scored: int) -> slice:
+    """Which of a window's ``n_scored`` = n - 1 positions a protocol scores. llama-perplexity scores logits
+    ``first = n/2 .. n-2`` (tokens n/2+1 .. n-1) of each n-token chunk."""
+    if protocol == "all":
+        return slice(0, n_scored)
+    if protocol == "llamacpp":
+        return slice((n_scored + 1) // 2, n_scored)
+    raise ValueError(f"unknown protocol {protocol!r}")
+
+
 @dataclass
 class QualityAccumulator:
-    """Collects per-position NLL, KL and top-1 agreement over windows; summarises at the end."""
+    """Collects per-position NLL, KL and top-1 agreement window by window; summarises per protocol.
+
+    ``per_window()`` gives, for each protocol, each window's sums (NLL, KL, top-1 hits) and position count: what
+    the paired bootstrap (bitsweep.stats) resamples, since tokens within a window are correlated.
+    """
 
     nll: list[np.ndarray] = field(default_factory=list)
     kld: list[np.ndarray] = field(default_factory=list)
     top1: list[np.ndarray] = field(default_factory=list)
 
-    def add(self, ids: np.ndarray, logits: np.ndarray, ref: ReferenceTopK | None) -> None:
+    def add(
+        self, ids: np.ndarray, logits: np.ndarray, ref: ReferenceRows | ReferenceTopK | None
+    ) -> np.ndarray:
+        """Score one window; returns its (n-1, V) float64 log-probs (the reference keeps them)."""
         if not np.isfinite(logits).all():
             raise FloatingPointError("runner returned non-finite logits")
         logp = log_softmax(logits[:-1])  # (n-1, V) float64, computed once per window
         self.nll.append(nll_from_logp(logp, ids))
-        if ref is not None:
+        if isinstance(ref, ReferenceRows):
+            self.kld.append(kl_full(ref, logp))
+            self.top1.append(logits[:-1].argmax(axis=-1) == ref.top1)
+        elif ref is not None:
             self.kld.append(kl_from_logp(ref, logp))
             self.top1.append(logits[:-1].argmax(axis=-1) == ref.ids[:, 0])
+        return logp
 
-    def summary(self) -> dict[str, float]:
+    def per_window(self) -> dict[str, dict[str, list[float]]]:
+        out = {}
+        for protocol in PROTOCOLS:
+            cut = [scored(protocol, len(nll)) for nll in self.nll]
+            sums = {"n": [float(len(nll[c])) for nll, c in zip(self.nll, cut, strict=True)],
+                    "nll": [float(nll[c].sum()) for nll, c in zip(self.nll, cut, strict=True)]}  # fmt: skip
+            if self.kld:
+                sums["kld"] = [float(k[c].sum()) for k, c in zip(self.kld, cut, strict=True)]
+                sums["top1"] = [float(t[c].sum()) for t, c in zip(self.top1, cut, strict=True)]
+            out[protocol] = sums
+        return out
+
+    def summary(self, text_bytes: float | None = None, text_words: float | None = None) -> dict[str, float]:
+        """Protocol ``all`` under the plain names (ppl, kld, top1, ...), ``llamacpp`` with that suffix, and
+        lm-eval's word/byte normalisations when the scored text's bytes and words are known."""
         nll = np.concatenate(self.nll)
         out = {
             "nll": float(nll.mean()),
@@ -97,6 +183,12 @@ class QualityAccumulator:
             "ppl_stderr": float(np.exp(nll.mean()) * nll.std(ddof=1) / np.sqrt(len(nll))),
             "n_scored": len(nll),
         }
+        half = np.concatenate([x[scored("llamacpp", len(x))] for x in self.nll])
+        out |= {"ppl_llamacpp": float(np.exp(half.mean())), "n_scored_llamacpp": len(half)}
+        if text_bytes and text_words:
+            out |= {"word_ppl": float(np.exp(nll.sum() / text_words)),
+                    "byte_ppl": float(np.exp(nll.sum() / text_bytes)),
+                    "bits_per_byte": float(nll.sum() / text_bytes / np.log(2))}  # fmt: skip
         if self.kld:
             kld = np.concatenate(self.kld)
             out |= {
@@ -105,5 +197,11 @@ class QualityAccumulator:
                 "kld_p99": float(np.percentile(kld, 99)),
                 "kld_max": float(kld.max()),
                 "top1": float(np.concatenate(self.top1).mean()),
+                "kld_llamacpp": float(
+                    np.concatenate([k[scored("llamacpp", len(k))] for k in self.kld]).mean()
+                ),
+                "top1_llamacpp": float(
+                    np.concatenate([t[scored("llamacpp", len(t))] for t in self.top1]).mean()
+                ),
             }
         return out

@@ -32,6 +32,7 @@ def check_paths(exp: ExperimentConfig) -> None:
     source = exp.model.source
     named = {"model.source.path": source.path if source.kind == "local" else None,
              "eval.text.path": exp.eval.text.path, "eval.text.calib_path": exp.eval.text.calib_path}  # fmt: skip
+    named |= {f"eval.task_paths[{i}]": path for i, path in enumerate(exp.eval.task_paths)}
     for key, path in named.items():
         if path is not None and not Path(path).expanduser().exists():
             raise ConfigError(f"{key}: {path} does not exist")

@@ -1,4 +1,5 @@
-"""aggregate_results: one table of every variant (CSV + Markdown) and Pareto plots.
+"""aggregate_results: one table of every variant (CSV + Markdown), whether neighbours are told apart, and
+Pareto plots with error bars.
 
 Pareto fronts are drawn for "smaller and better": a variant is on the front when no other variant is at
 least as small and at least as good, and strictly better in one of the two.
@@ -7,9 +8,12 @@ least as small and at least as good, and strictly better in one of the two.
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from bitsweep.manifest import failure_record_path, read_json
 
@@ -19,25 +23,51 @@ COLUMNS = [
     ("bits", "bits", "{}"),
     ("bpw", "bits/weight", "{:.2f}"),
     ("size_mb", "size MB", "{:.1f}"),
-    ("ppl", "ppl", "{:.3f}"),
-    ("ppl_delta_pct", "Δppl %", "{:+.2f}"),
-    ("kld", "KLD", "{:.4f}"),
-    ("top1", "top-1 %", "{:.1%}"),
+    ("ppl", "ppl", "num"),
+    ("ppl_ratio", "ppl ratio [95% CI]", "ci"),
+    ("kld", "KLD nats [95% CI]", "ci"),
+    ("top1", "top-1 % [95% CI]", "ci%"),
+    ("ppl_llamacpp", "ppl (llama.cpp)", "num"),
+    ("bits_per_byte", "bits/byte", "{:.4f}"),
+    ("greedy_prefix_match", "greedy match %", "{:.0%}"),
     ("pp_tok_s", "prompt tok/s", "{:.0f}"),
     ("tg_tok_s", "gen tok/s", "{:.1f}"),
     ("peak_rss_mb", "peak RSS MB", "{:.0f}"),
 ]
+
+HOW_TO_READ = """How to read this table. Every variant is scored on the same token windows (made once by the reference
+tokenizer) against one full-precision reference (torch fp32). Protocol: *ppl*, *KLD* and *top-1* score every
+position of every window (tokens 1..n-1 given their prefix); *ppl (llama.cpp)* scores the second half of each
+window as `llama-perplexity` does; *bits/byte* is the same log-likelihood per byte of the text scored (lm-eval's
+bits_per_byte; it does not depend on the tokenizer). KLD is over the whole vocabulary (the reference's log-probs
+kept at 16 bits, as llama.cpp does). Intervals are 95% paired bootstrap intervals over windows (tokens within a
+window are correlated, so whole windows are resampled; the ratio to the reference uses the same draws on both
+sides). *greedy match* is how much of a greedy continuation of prompts cut from the evaluation text follows the
+reference's before the first different token. Two neighbours on a ladder are *resolved* when the interval of their paired KLD difference excludes 0;
+*windows needed* estimates how many windows would resolve a difference of that size."""
 
 
 def load_rows(paths: list[Path]) -> list[dict[str, Any]]:
     rows = []
     for path in paths:
         data = read_json(path)
-        rows.append({k: data[k] for k in ("model", "backend", "scheme", "bits", "status")} | data["metrics"])
-    reference = next((r for r in rows if r["backend"] == "reference"), None)
-    for row in rows:
-        row["ppl_delta_pct"] = 100 * (row["ppl"] / reference["ppl"] - 1) if reference else math.nan
+        row = {k: data[k] for k in ("model", "backend", "scheme", "bits", "status")} | data["metrics"]
+        row["per_window"] = data.get("per_window")
+        rows.append(row)
     return sorted(rows, key=lambda r: (r["backend"] != "reference", r["backend"], -r["bpw"], r["scheme"]))
+
+
+def neighbours(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each backend's ladder (by bits/weight, largest first): is each adjacent pair's KLD difference resolved?"""
+    from bitsweep.stats import paired_difference
+
+    out = []
+    for backend in sorted({r["backend"] for r in rows} - {"reference"}):
+        ladder = [r for r in rows if r["backend"] == backend and r.get("per_window") and "kld" in r]
+        for a, b in itertools.pairwise(ladder):
+            diff = paired_difference(b["per_window"]["all"], a["per_window"]["all"], "kld")
+            out.append({"backend": backend, "larger": a["scheme"], "smaller": b["scheme"], **diff})
+    return out
 
 
 def variant_outcomes(expected: dict[tuple[str, str], list[Path]]) -> tuple[list[Path], list[dict]]:
@@ -76,19 +106,29 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def write_tables(rows: list[dict[str, Any]], out_dir: Path) -> None:
+    flat = [{k: v for k, v in row.items() if k != "per_window"} for row in rows]
     keys = sorted(
-        {k for row in rows for k in row}, key=lambda k: (([c[0] for c in COLUMNS] + [k]).index(k), k)
+        {k for row in flat for k in row}, key=lambda k: (([c[0] for c in COLUMNS] + [k]).index(k), k)
     )
     with open(out_dir / "results.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=keys)
         writer.writeheader()
-        writer.writerows(rows)
-    lines = ["| " + " | ".join(c[1] for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        writer.writerows(flat)
+    lines = [HOW_TO_READ, "", "| " + " | ".join(c[1] for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:
         if row.get("status", "ok") != "ok":
             continue
-        cells = [_fmt(fmt, row.get(key)) for key, _, fmt in COLUMNS]
+        cells = [_cell(fmt, key, row) for key, _, fmt in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
+    pairs = neighbours([r for r in rows if r.get("status", "ok") == "ok"])
+    if pairs:
+        lines += ["", "## Neighbours on each ladder (KLD of the smaller minus the larger)", "",
+                  "| backend | larger | smaller | ΔKLD nats [95% CI] | resolved | windows needed |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for p in pairs:
+            lines.append(f"| {p['backend']} | {p['larger']} | {p['smaller']} | {_num(p['diff'])} "
+                         f"[{_num(p['lo'])}, {_num(p['hi'])}] | {'yes' if p['resolved'] else '**no**'} | "
+                         f"{p['windows_needed'] if p['windows_needed'] is not None else '–'} |")  # fmt: skip
     failed = [r for r in rows if r.get("status", "ok") != "ok"]
     if failed:
         lines += ["", f"## Failed variants ({len(failed)})", "", "| backend | scheme | status | stage | error |",
@@ -101,27 +141,73 @@ def write_tables(rows: list[dict[str, Any]], out_dir: Path) -> None:
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")
 
 
-def _fmt(fmt: str, value: Any) -> str:
+def _num(value: float) -> str:
+    """4 significant digits; scientific notation past 10^5 (a destroyed variant reads 1.1e+08, not 114044705.765)."""
+    if abs(value) >= 1e5 or (value and abs(value) < 1e-4):
+        return f"{value:.2g}" if abs(value) >= 1e5 else f"{value:.1e}"
+    return f"{value:.4g}"
+
+
+def _cell(fmt: str, key: str, row: dict[str, Any]) -> str:
+    value = row.get(key)
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
+    if fmt == "num":
+        return _num(value)
+    if fmt in ("ci", "ci%"):
+        scale, unit = (100, "") if fmt == "ci%" else (1, "")
+        text = _num(scale * value) + unit
+        lo, hi = row.get(f"{key}_lo"), row.get(f"{key}_hi")
+        return text if lo is None or hi is None else f"{text} [{_num(scale * lo)}, {_num(scale * hi)}]"
     return fmt.format(value)
 
 
+AXIS_LABELS = {
+    "size_mb": "file size (MB)",
+    "bpw": "bits per weight (measured from the file)",
+    "kld": "KL divergence to the reference (nats/token)",
+    "ppl": "perplexity (all positions)",
+    "tg_tok_s": "generation speed (tokens/s)",
+}
+MARKERS = "osD^vP*Xh<>p"
+
+
+def backend_styles(rows: list[dict[str, Any]]) -> dict[str, tuple[Any, str]]:
+    """One colour and marker per backend, the same in every plot of a sweep (sorted backend names)."""
+    import matplotlib
+
+    colours = matplotlib.colormaps["tab10"].colors
+    names = sorted({r["backend"] for r in rows})
+    return {b: (colours[i % len(colours)], MARKERS[i % len(MARKERS)]) for i, b in enumerate(names)}
+
+
 def plot(
-    rows: list[dict[str, Any]], x: str, y: str, path: Path, title: str, maximise_y: bool = False
-) -> None:
+    rows: list[dict[str, Any]], x: str, y: str, path: Path, title: str, maximise_y: bool = False,
+    styles: dict[str, tuple[Any, str]] | None = None,
+) -> None:  # fmt: skip
+    """Scatter of ``y`` against ``x`` on log axes with plain tick labels, 95% error bars where the results
+    carry ``<y>_lo``/``<y>_hi``, the reference as a star, and the Pareto front dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+    styles = styles or backend_styles(rows)
     rows = [r for r in rows if r.get(x) is not None and r.get(y) is not None and r[y] > 0 and r[x] > 0]
     points = [(r[x], -r[y] if maximise_y else r[y]) for r in rows]
     front = set(pareto_front(points))
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
     for backend in sorted({r["backend"] for r in rows}):
         mine = [r for r in rows if r["backend"] == backend]
-        ax.scatter([r[x] for r in mine], [r[y] for r in mine], label=backend, s=36, zorder=3)
+        colour, marker = styles[backend]
+        marker = "*" if backend == "reference" else marker
+        ys = np.array([r[y] for r in mine])
+        lo = np.array([r.get(f"{y}_lo", r[y]) for r in mine])
+        hi = np.array([r.get(f"{y}_hi", r[y]) for r in mine])
+        ax.errorbar([r[x] for r in mine], ys, yerr=[np.maximum(ys - lo, 0), np.maximum(hi - ys, 0)], fmt=marker,
+                    color=colour, ms=11 if backend == "reference" else 6, capsize=2, lw=0.8, label=backend,
+                    zorder=3)  # fmt: skip
     for row in rows:
         ax.annotate(row["scheme"], (row[x], row[y]), textcoords="offset points", xytext=(4, 3), fontsize=7)
     front_rows = sorted((rows[i] for i in front), key=lambda r: r[x])
@@ -130,8 +216,15 @@ def plot(
     )
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel(x)
-    ax.set_ylabel(y)
+    for axis, key in ((ax.xaxis, x), (ax.yaxis, y)):  # 20, 50, 100 rather than 2x10^1, 5x10^1, 10^2
+        values = [r[key] for r in rows]
+        decades = np.log10(max(values) / min(values)) if values else 0
+        subs = (1.0, 2.0, 3.0, 5.0) if decades < 2 else (1.0, 2.0, 5.0) if decades < 4 else (1.0,)
+        axis.set_major_locator(LogLocator(subs=subs))
+        axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        axis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel(AXIS_LABELS.get(x, x))
+    ax.set_ylabel(AXIS_LABELS.get(y, y))
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
@@ -148,7 +241,10 @@ def aggregate_results(
     rows = load_rows(results)
     write_tables(rows + list(failed), out_dir)
     variants = [r for r in rows if r["backend"] != "reference"]
-    plot(variants, "size_mb", "kld", out_dir / "kld_vs_size.png", "KL divergence vs reference, by file size")
-    plot(rows, "bpw", "ppl", out_dir / "ppl_vs_bpw.png", "Perplexity by effective bits per weight")
-    plot(rows, "size_mb", "tg_tok_s", out_dir / "speed_vs_size.png", "Generation speed by file size", True)
+    styles = backend_styles(rows)
+    plot(variants, "size_mb", "kld", out_dir / "kld_vs_size.png", "KL divergence to the reference by file size",
+         styles=styles)  # fmt: skip
+    plot(rows, "bpw", "ppl", out_dir / "ppl_vs_bpw.png", "Perplexity by bits per weight", styles=styles)
+    plot(rows, "size_mb", "tg_tok_s", out_dir / "speed_vs_size.png", "Generation speed by file size", True,
+         styles=styles)  # fmt: skip
     return rows

@@ -20,7 +20,7 @@ from bitsweep.backends import (
 )
 from bitsweep.backends.base import load_object
 from bitsweep.config import EvalConfig, ModelConfig, SchemeConfig, TextConfig, TrackingConfig
-from bitsweep.evaluate import ReferenceLogits, comparability, evaluate_runner
+from bitsweep.evaluate import Reference, comparability, evaluate_runner
 from bitsweep.manifest import verify_manifest, write_json
 from bitsweep.text import Windows, tokenize_windows, write_texts
 
@@ -55,25 +55,33 @@ def evaluate_reference(
     windows_path: Path,
     cfg: EvalConfig,
     out_json: Path,
-    out_logits: Path,
+    out_reference: Path,
     threads: int = 2,
 ) -> dict[str, Any]:
-    """The torch fp32 reference: its own scores, and the top-k log-probs every variant is compared to."""
+    """The torch fp32 reference: its own scores, and the 16-bit full-vocabulary log-probs of every scored
+    position that every variant is compared to (``out_reference``, a folder)."""
+    from transformers import AutoTokenizer
+
     from bitsweep.backends.torch_ref import TorchRunner
+    from bitsweep.evaluate import TOKENIZER
 
     verify_manifest(model_dir)
     windows = Windows.load(windows_path)
-    metrics, ref = evaluate_runner(
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_reference / TOKENIZER)
+    metrics, per_window = evaluate_runner(
         lambda: TorchRunner(model_dir, threads, windows.n_ctx, trust_remote_code=model.trust_remote_code),
-        windows, None, cfg, cfg.top_k,
+        windows, None, cfg, keep=out_reference,
     )  # fmt: skip
-    ref.save(out_logits)
     size = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
     n_params = _hf_param_count(model_dir)
     metrics |= {"kld": 0.0, "kld_median": 0.0, "kld_p99": 0.0, "kld_max": 0.0, "top1": 1.0, "threads": threads,
-                "size_bytes": size, "size_mb": size / 2**20, "bpw": 8 * size / n_params}  # fmt: skip
+                "kld_llamacpp": 0.0, "top1_llamacpp": 1.0, "ppl_ratio": 1.0,
+                "greedy_prefix_match": 1.0, "greedy_token_match": 1.0,
+                "size_bytes": size, "size_mb": size / 2**20, "bpw": 8 * size / n_params,
+                "reference_bytes": sum(p.stat().st_size for p in out_reference.rglob("*") if p.is_file())}  # fmt: skip
     result = _result(model.name, "reference", "fp32", 32, metrics, {
-        "comparability": comparability(windows, out_logits),
+        "per_window": per_window,
+        "comparability": comparability(windows, out_reference),
         "artifact": {"path": str(model_dir), "n_params": n_params, "runtime": "torch fp32"},
         "config": {"eval": asdict(cfg)},
     })  # fmt: skip
@@ -144,8 +152,8 @@ def evaluate_variant(
     artifact = Artifact.load(artifact_dir)
     runner = runner_class(artifact.meta["backend"])
     windows = Windows.load(windows_path)
-    reference = ReferenceLogits.load(reference_path)
-    metrics, _ = evaluate_runner(
+    reference = Reference.load(reference_path)
+    metrics, per_window = evaluate_runner(
         lambda: runner(artifact.path, threads, windows.n_ctx), windows, reference, cfg
     )
     size = artifact.model_file.stat().st_size
@@ -153,6 +161,7 @@ def evaluate_variant(
     metrics |= {"size_bytes": size, "size_mb": size / 2**20, "bpw": applied.get("bpw", float("nan")),
                 "threads": threads}  # fmt: skip
     result = _result(model, artifact.meta["backend"], artifact.meta["scheme"], artifact.meta["bits"], metrics, {
+        "per_window": per_window,
         "comparability": comparability(windows, reference_path),
         "artifact": artifact.meta,
         "config": {"eval": asdict(cfg)},

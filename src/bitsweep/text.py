@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -77,6 +78,11 @@ class Windows:
     text_sha256: str
     tokenizer: str
     decoded_sha256: tuple[str, ...]  # sha256 of the reference tokenizer's bytes for each window
+    # The text each window scores (its tokens 1..n-1, decoded): bytes and words (lm-eval's count,
+    # len(re.split(r"\s+", text))), for the word- and byte-normalised protocol.
+    scored_bytes: tuple[int, ...] = ()
+    scored_words: tuple[int, ...] = ()
+    bos: int = -1  # the BOS id written over token 0 of every window, or -1 (the vocabulary adds none)
 
     @property
     def n_windows(self) -> int:
@@ -97,6 +103,9 @@ class Windows:
             text_sha256=self.text_sha256,
             tokenizer=self.tokenizer,
             decoded_sha256=np.array(self.decoded_sha256),
+            scored_bytes=np.array(self.scored_bytes, dtype=np.int64),
+            scored_words=np.array(self.scored_words, dtype=np.int64),
+            bos=self.bos,
         )
 
     @classmethod
@@ -107,6 +116,9 @@ class Windows:
                 str(data["text_sha256"]),
                 str(data["tokenizer"]),
                 tuple(map(str, data["decoded_sha256"])),
+                tuple(map(int, data["scored_bytes"])),
+                tuple(map(int, data["scored_words"])),
+                int(data["bos"]),
             )
 
 
@@ -123,21 +135,47 @@ def make_windows(ids: list[int] | np.ndarray, n_ctx: int, n_windows: int) -> np.
     return ids[: n_windows * n_ctx].reshape(n_windows, n_ctx)
 
 
+def added_bos(tokenizer) -> int:
+    """The BOS id this tokenizer puts in front of a text, or -1 when its vocabulary adds none (SmolLM2)."""
+    bos = tokenizer.bos_token_id
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return int(bos) if bos is not None and ids and ids[0] == bos else -1
+
+
+def count_words(text: str) -> int:
+    r"""Words as lm-eval's perplexity tasks count them (wikitext: ``len(re.split(r"\s+", doc))``)."""
+    return len(re.split(r"\s+", text))
+
+
 def tokenize_windows(model_dir: str | Path, text_path: str | Path, n_ctx: int, n_windows: int) -> Windows:
-    """Tokenize the eval text with the reference (Hugging Face) tokenizer, without special tokens."""
+    """Tokenize the eval text with the reference (Hugging Face) tokenizer, without special tokens.
+
+    For a vocabulary that adds BOS, token 0 of every window becomes BOS, as llama-perplexity does with each
+    chunk (so both score the same ids); every runtime is fed these ids either way.
+    """
     from transformers import AutoTokenizer
 
     text = Path(text_path).read_text()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     # split_special_tokens: literal "<filename>" in prose is text, not a control token.
     encoded = tokenizer(text, add_special_tokens=False, split_special_tokens=True)
-    ids = make_windows(encoded["input_ids"], n_ctx, n_windows)
-    decoded = [tokenizer.decode(w.tolist(), clean_up_tokenization_spaces=False).encode() for w in ids]
+    ids = make_windows(encoded["input_ids"], n_ctx, n_windows).copy()
+    bos = added_bos(tokenizer)
+    if bos >= 0:
+        ids[:, 0] = bos
+
+    def decode(w: np.ndarray) -> str:
+        return tokenizer.decode(w.tolist(), clean_up_tokenization_spaces=False)
+
+    scored = [decode(w[1:]) for w in ids]
     return Windows(
         ids=ids,
         text_sha256=hashlib.sha256(text.encode()).hexdigest(),
         tokenizer=type(tokenizer).__name__,
-        decoded_sha256=tuple(hashlib.sha256(d).hexdigest() for d in decoded),
+        decoded_sha256=tuple(hashlib.sha256(decode(w).encode()).hexdigest() for w in ids),
+        scored_bytes=tuple(len(t.encode()) for t in scored),
+        scored_words=tuple(count_words(t) for t in scored),
+        bos=bos,
     )
 
 

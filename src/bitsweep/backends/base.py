@@ -345,6 +345,15 @@ class BaseRunner:
     def _step(self, token: int) -> np.ndarray:
         raise NotImplementedError
 
+    def greedy(self, prompt: np.ndarray, n_new: int) -> np.ndarray:
+        """The ``n_new`` token ids greedy decoding appends to ``prompt`` (untimed)."""
+        self.check_length(np.empty(len(prompt) + n_new))
+        tokens, last = [], self._prefill(prompt)
+        for _ in range(n_new):
+            tokens.append(int(np.argmax(last)))
+            last = self._step(tokens[-1]) if len(tokens) < n_new else last
+        return np.array(tokens, dtype=np.int32)
+
     def generate(self, prompt: np.ndarray, n_new: int) -> tuple[float, float]:
         """Greedy-generate ``n_new`` tokens after ``prompt``; return (prompt seconds, generation seconds)."""
         self.check_length(np.empty(len(prompt) + n_new))

@@ -12,6 +12,10 @@ split across threads with ``prange`` in tasks of ``ROWS_PER_TASK`` rows.
 
 On the int8 path the per-group integer sums are exact and the groups are combined in the reference's order
 without fastmath, so outputs are bit-identical to bitsweep.kernels.formats.
+
+The int8 GEMV/GEMM run the explicit-SIMD kernels of bitsweep.kernels.simd (AVX-512 VNNI, AVX-512BW, AVX-VNNI,
+AVX2; chosen at import from ``$BITSWEEP_KERNEL_ISA``, default ``auto``, and switchable with :func:`set_isa`); the
+loops below are the ``portable`` path. Every path gives the same bits on the same inputs.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from bitsweep.kernels import simd
 from bitsweep.kernels.formats import (
     FMT_BINARY,
     FMT_INT2,
@@ -332,6 +337,38 @@ def gemv_int8_unpacked(w, w_scale, xq, x_scale):
     return out
 
 
+_isa = simd.select_isa()
+
+
+def current_isa() -> str:
+    """The instruction-set path the int8 kernels take (see bitsweep.kernels.simd)."""
+    return _isa
+
+
+def set_isa(name: str | None = None) -> str:
+    """Switch the int8 kernels to ``name`` (``auto``, an ISA of simd.ISAS; None: ``$BITSWEEP_KERNEL_ISA``);
+    returns the previous one. Raises ConfigError for an ISA this CPU lacks."""
+    global _isa
+    previous, _isa = _isa, simd.select_isa(name)
+    return previous
+
+
+available_isas = simd.available_isas
+
+
+def _kern(pm: PackedMatrix) -> simd.Kern:
+    return simd.Kern(_isa, pm.fmt.fmt_id)
+
+
+def _transposed_scalars(pm: PackedMatrix) -> tuple[np.ndarray, np.ndarray]:
+    """``(a.T, c.T)`` contiguous ``(n_groups, n_rows)``: the SIMD kernels combine groups across rows at once."""
+    cached = pm.meta.get("_kernel_scalars_t")
+    if cached is None:
+        a, c = _scalars(pm)
+        cached = pm.meta["_kernel_scalars_t"] = (np.ascontiguousarray(a.T), np.ascontiguousarray(c.T))
+    return cached
+
+
 def _scalars(pm: PackedMatrix) -> tuple[np.ndarray, np.ndarray]:
     cached = pm.meta.get("_kernel_scalars")
     if cached is None:
@@ -367,7 +404,9 @@ def gemm_prepared(pm: PackedMatrix, acts: Activations) -> np.ndarray:
     a, c = _scalars(pm)
     out = np.empty((acts.x.shape[0], pm.n_rows), np.float32)
     bpg = pm.fmt.bytes_per_group(pm.group)
-    if acts.integer and acts.x.shape[0] == 1 and uniform_row_scales(pm, acts):
+    if acts.integer and _isa != "portable":
+        _gemm_simd(pm, acts, a, c, bpg, out)
+    elif acts.integer and acts.x.shape[0] == 1 and uniform_row_scales(pm, acts):
         planes = activation_planes(pm, acts.x[0])
         xsum_total = np.int32(acts.xsum[0].sum())
         _gemv_int_rows(pm.fmt.fmt_id, pm.qs, a, c, planes, xsum_total, acts.scale[0, 0], out[0])
@@ -380,6 +419,20 @@ def gemm_prepared(pm: PackedMatrix, acts: Activations) -> np.ndarray:
     else:
         _gemm_f32(pm.fmt.fmt_id, pm.qs, a, c, pm.group, bpg, acts.x, acts.xsum, out)
     return out
+
+
+def _gemm_simd(pm: PackedMatrix, acts: Activations, a, c, bpg: int, out: np.ndarray) -> None:
+    kern, qs = _kern(pm), np.ascontiguousarray(pm.qs)
+    planes = simd.gather_planes8(acts.x, _plane_index(pm))
+    uniform = uniform_row_scales(pm, acts)
+    if acts.x.shape[0] > 1:
+        aT, cT = _transposed_scalars(pm)
+        simd.gemm(kern, qs, a, c, aT, cT, bpg, planes, acts.xsum, acts.scale, uniform, out)
+    elif uniform:
+        simd.gemv_rows(kern, qs, a, c, planes, np.int32(acts.xsum[0].sum()), acts.scale[0, 0], out[0])
+    else:
+        aT, cT = _transposed_scalars(pm)
+        simd.gemv_groups(kern, qs, aT, cT, bpg, planes, acts.xsum[0], acts.scale[0], out[0])
 
 
 def gemm(pm: PackedMatrix, x: np.ndarray, act: str = "int8") -> np.ndarray:
@@ -453,13 +506,38 @@ def _gemv_token(fmt, qs, a, c, group, bytes_per_group, index, uniform, x, out):
         _gemv_int(fmt, qs, a, c, group, bytes_per_group, planes, xsum[0], scale[0], out)
 
 
+@njit(cache=True)
+def _gemv_token_simd(kern, qs, a, c, aT, cT, group, bytes_per_group, index, uniform, x, out):
+    """_gemv_token on the SIMD kernels: int8 planes instead of int16 ones."""
+    k = x.shape[0]
+    n_groups = a.shape[1]
+    k_padded = n_groups * group
+    xq = np.zeros((1, k_padded), np.int16)
+    xsum = np.empty((1, n_groups), np.int32)
+    scale = np.empty((1, n_groups), np.float32)
+    _quantize_activations(x.reshape(1, k), k_padded, group, xq, xsum, scale)
+    planes = simd.gather_planes8(xq, index)
+    if uniform:
+        total = np.int32(0)
+        for g in range(n_groups):
+            total += xsum[0, g]
+        simd.gemv_rows(kern, qs, a, c, planes, total, scale[0, 0], out)
+    else:
+        simd.gemv_groups(kern, qs, aT, cT, bytes_per_group, planes, xsum[0], scale[0], out)
+
+
 def linear_token(pm: PackedMatrix, x: np.ndarray) -> np.ndarray:
     """``W @ x`` for one token with per-token int8 activations; the same numbers as ``gemv(pm, x, "int8")``."""
     plan = pm.meta.get("_token_plan")
-    if plan is None:
+    if plan is None or plan[0] != _isa:
         a, c = _scalars(pm)
-        plan = pm.meta["_token_plan"] = (pm.fmt.fmt_id, pm.qs, a, c, pm.group, pm.fmt.bytes_per_group(pm.group),
-                                         _plane_index(pm), pm.one_scale_per_row())  # fmt: skip
+        common = (pm.group, pm.fmt.bytes_per_group(pm.group), _plane_index(pm), pm.one_scale_per_row())
+        if _isa == "portable":
+            plan = (_isa, _gemv_token, (pm.fmt.fmt_id, pm.qs, a, c, *common))
+        else:
+            plan = (_isa, _gemv_token_simd, (_kern(pm), np.ascontiguousarray(pm.qs), a, c,
+                                             *_transposed_scalars(pm), *common))  # fmt: skip
+        pm.meta["_token_plan"] = plan
     out = np.empty(pm.n_rows, np.float32)
-    _gemv_token(*plan, np.ascontiguousarray(x, dtype=np.float32), out)
+    plan[1](*plan[2], np.ascontiguousarray(x, dtype=np.float32), out)
     return out

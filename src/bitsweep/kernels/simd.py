@@ -1,0 +1,540 @@
+"""Explicit-SIMD integer dot products for the packed formats, one instruction set chosen at run time.
+
+The inner loops of the int8-activation kernels are numba intrinsics that emit LLVM IR calling the x86 dot-product
+instructions by name (numba 0.68 / LLVM 22 does not find them in plain loops):
+
+===============  ======  =====================================================================================
+ISA              vector  multiply-add of unsigned codes x signed int8 activations
+===============  ======  =====================================================================================
+``avx512vnni``   512     ``vpdpbusd`` (AVX-512 VNNI): u8 x s8, four products summed into each int32 lane
+``avx512bw``     512     ``vpmaddubsw`` -> int16 pairs, planes summed in int16, ``vpmaddwd`` by 1 -> int32
+``avxvnni``      256     ``vpdpbusd`` (VEX-encoded AVX-VNNI)
+``avx2``         256     ``vpmaddubsw`` + ``vpmaddwd`` as avx512bw
+``portable``     -       the plain numba loops of bitsweep.kernels.fast (no intrinsics)
+===============  ======  =====================================================================================
+
+``vpmaddubsw`` / ``vpdpbusd`` multiply UNSIGNED bytes by SIGNED bytes: the codes (0..2, 0..15) are the unsigned
+operand and the int8 activations (|x| <= 127) the signed one. No int16 sum here can saturate or wrap: one
+``vpmaddubsw`` lane is at most 2 * 15 * 128 = 3840 (int4), and the int16 sums of a block of chunks are widened
+to int32 (``vpmaddwd`` by 1) before they could reach 2**15 (:data:`BLOCK16`). ``vpdpbusd`` accumulates in int32.
+
+Work per chunk of one vector of code bytes: one load, the planes decoded with shifts and masks (TQ1_0: digits by
+byte adds and two compares, see :func:`_decode`), one multiply-add per plane. GEMM decodes each chunk once for
+four tokens (:func:`span4`); per-group sums (affine formats, llama.cpp-style block scales) are written for a
+task's rows at once and combined in float across those rows (vectorised over rows, each row's float order kept).
+
+Every integer sum is exact and the float combination stays in the reference's order (no fastmath), so all ISAs
+give the same bits as bitsweep.kernels.formats. ``BITSWEEP_KERNEL_ISA`` (``auto`` or an ISA name) picks the path;
+``auto`` takes the first of :data:`ISAS` that this CPU (``/proc/cpuinfo`` flags) and numba's target
+(``NUMBA_CPU_FEATURES`` or the host's) both support.
+
+Activations are gathered once per call into int8 "planes" ``(n_tokens, n_planes, row_bytes)``: ``planes[n, t, b]``
+is the activation that code ``t`` of weight byte ``b`` meets (formats.plane_map, zero where none), so any span of
+a row's bytes is a dot product against a few contiguous activation streams, at any vector width.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+from llvmlite import binding as llvm
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import NativeValue, intrinsic, models, register_model, typeof_impl, unbox
+
+from bitsweep.errors import ConfigError
+from bitsweep.kernels.formats import FMT_BINARY, FMT_INT2, FMT_INT3, FMT_INT4, FMT_TQ1, FMT_TQ2
+
+ENV = "BITSWEEP_KERNEL_ISA"
+ISAS = ("avx512vnni", "avx512bw", "avxvnni", "avx2", "portable")  # auto's order of preference
+# /proc/cpuinfo flags and LLVM target features each path needs
+CPU_FLAGS = {
+    "avx512vnni": ("avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
+    "avx512bw": ("avx2", "avx512f", "avx512bw", "avx512vl"),
+    "avxvnni": ("avx2", "avx_vnni"),
+    "avx2": ("avx2",),
+    "portable": (),
+}
+LLVM_FEATURES = {
+    "avx512vnni": ("avx2", "avx512f", "avx512bw", "avx512vl", "avx512vnni"),
+    "avx512bw": ("avx2", "avx512f", "avx512bw", "avx512vl"),
+    "avxvnni": ("avx2", "avxvnni"),
+    "avx2": ("avx2",),
+    "portable": (),
+}
+SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+              "avx512_bf16", "avx512vbmi", "avx_vnni", "amx_int8", "amx_bf16")  # fmt: skip
+WIDTH = {"avx512vnni": 64, "avx512bw": 64, "avxvnni": 32, "avx2": 32}  # bytes per vector
+VNNI = {"avx512vnni", "avxvnni"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Which instruction set
+
+
+@cache
+def cpu_flags() -> frozenset[str]:
+    """The ``flags`` of the first CPU in /proc/cpuinfo (empty where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def llvm_features() -> frozenset[str]:
+    """The x86 features numba compiles for: NUMBA_CPU_FEATURES if set, else the host's."""
+    text = os.environ.get("NUMBA_CPU_FEATURES") or llvm.get_host_cpu_features().flatten()
+    return frozenset(f[1:] for f in text.split(",") if f.startswith("+"))
+
+
+def available_isas() -> list[str]:
+    """The paths this machine can run, best first (``portable`` always)."""
+    flags, features = cpu_flags(), llvm_features()
+    return [isa for isa in ISAS if set(CPU_FLAGS[isa]) <= flags and set(LLVM_FEATURES[isa]) <= features]
+
+
+def select_isa(requested: str | None = None) -> str:
+    """``requested`` (default: ``$BITSWEEP_KERNEL_ISA``, else ``auto``) checked against :func:`available_isas`."""
+    requested = (requested or os.environ.get(ENV) or "auto").strip().lower()
+    available = available_isas()
+    if requested == "auto":
+        return available[0]
+    if requested not in ISAS:
+        raise ConfigError(f"{ENV}={requested!r}: known: auto, {', '.join(ISAS)}")
+    if requested not in available:
+        raise ConfigError(
+            f"{ENV}={requested!r}: this CPU / numba target supports only {', '.join(available)}"
+        )
+    return requested
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LLVM IR of one span: sum over bytes b in [o, e) of a row and over planes t of code_t(row[b]) * planes[n, t, b]
+
+I8, I16, I32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+# LLVM 22 declares vpdpbusd's byte operands as <N x i8>; before that, as <N/4 x i32>.
+_DPBUSD_BYTES = llvm.llvm_version_info[0] >= 22
+
+# How each format's bytes decode: 2-bit planes, 1-bit planes, 4-bit planes, base-3 digits, int3's two parts
+KIND = {FMT_TQ2: "2", FMT_INT2: "2", FMT_TQ1: "t", FMT_BINARY: "1", FMT_INT4: "4", FMT_INT3: "3"}
+PLANES = {"2": 4, "1": 8, "1x4": 8, "4": 2, "t": 5}  # code planes per byte ("1x4": int3's high bit, times 4)
+# Chunks whose int16 sums may add up before widening: one chunk adds at most planes * 2 * max_code * 128 to a
+# lane (2: 3072, 1: 2048, 1x4: 8192, 4: 7680, t: 2560) and the total must stay below 2**15.
+BLOCK16 = {"2": 10, "1": 15, "1x4": 3, "4": 4, "t": 12}
+PREFETCH = 1024  # bytes ahead in the weight stream (a software prefetch per block of chunks)
+
+
+def _splat(ty, value):
+    if isinstance(ty, ir.VectorType):
+        return ir.Constant(ty, [ir.Constant(ty.element, value)] * ty.count)
+    return ir.Constant(ty, value)
+
+
+def _decode(builder, v, kind):
+    """The code planes of bytes ``v`` (i8 or <w x i8>), as bytes of the same type."""
+    ty = v.type
+    if kind in ("2", "1", "1x4", "4"):
+        bits = {"2": 2, "1": 1, "1x4": 1, "4": 4}[kind]
+        mask = (1 << bits) - 1
+        out = []
+        for t in range(8 // bits):
+            q = builder.lshr(v, _splat(ty, bits * t)) if t else v
+            if bits * (t + 1) < 8:
+                q = builder.and_(q, _splat(ty, mask))
+            if kind == "1x4":
+                q = builder.shl(q, _splat(ty, 2))  # int3's high bit weighs 4
+            out.append(q)
+        return out
+    # TQ1_0 digit i of byte q: ((q * 3^i mod 256) * 3) >> 8, and for m in 0..255 (m * 3) >> 8 equals
+    # (m >= 86) + (m >= 171): two byte compares instead of widening to 16 bits.
+    out, m = [], v
+    for t in range(5):
+        if t:
+            m = builder.add(builder.add(m, m), m)  # times 3, wrapping mod 256 as the format wants
+        ge1 = builder.zext(builder.icmp_unsigned(">=", m, _splat(ty, 86)), ty)
+        ge2 = builder.zext(builder.icmp_unsigned(">=", m, _splat(ty, 171)), ty)
+        out.append(builder.add(ge1, ge2))
+    return out
+
+
+def _declare(builder, name, ret, args):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
+
+
+def _madd_chunk(builder, isa, w, acc, codes, xs):
+    """acc (<w/4 x i32>) + sum_t codes[t] . xs[t] (each <w x i8>), grouped by 4 bytes per lane."""
+    v8, v16, v32 = ir.VectorType(I8, w), ir.VectorType(I16, w // 2), ir.VectorType(I32, w // 4)
+    if isa in VNNI:
+        name = {16: "llvm.x86.avx512.vpdpbusd.128", 32: "llvm.x86.avx512.vpdpbusd.256",
+                64: "llvm.x86.avx512.vpdpbusd.512"}[w]  # fmt: skip
+        if _DPBUSD_BYTES:
+            fn = _declare(builder, name, v32, [v32, v8, v8])
+            for q, x in zip(codes, xs, strict=True):
+                acc = builder.call(fn, [acc, q, x])
+        else:
+            fn = _declare(builder, name, v32, [v32, v32, v32])
+            for q, x in zip(codes, xs, strict=True):
+                acc = builder.call(fn, [acc, builder.bitcast(q, v32), builder.bitcast(x, v32)])
+        return acc
+    return _widen(builder, w, acc, _madd16(builder, w, ir.Constant(v16, None), codes, xs))
+
+
+def _madd16(builder, w, p16, codes, xs):
+    """p16 (<w/2 x i16>) + sum_t pmaddubsw(codes[t], xs[t])."""
+    v8, v16 = ir.VectorType(I8, w), ir.VectorType(I16, w // 2)
+    name = {16: "llvm.x86.ssse3.pmadd.ub.sw.128", 32: "llvm.x86.avx2.pmadd.ub.sw",
+            64: "llvm.x86.avx512.pmaddubs.w.512"}[w]  # fmt: skip
+    fn = _declare(builder, name, v16, [v8, v8])
+    for q, x in zip(codes, xs, strict=True):
+        p16 = builder.add(p16, builder.call(fn, [q, x]))
+    return p16
+
+
+def _widen(builder, w, acc, p16):
+    """acc (<w/4 x i32>) + pmaddwd(p16, 1): adjacent int16 pairs summed into int32."""
+    v16, v32 = ir.VectorType(I16, w // 2), ir.VectorType(I32, w // 4)
+    name = {16: "llvm.x86.sse2.pmadd.wd", 32: "llvm.x86.avx2.pmadd.wd", 64: "llvm.x86.avx512.pmaddw.d.512"}[w]
+    fn = _declare(builder, name, v32, [v16, v16])
+    return builder.add(acc, builder.call(fn, [p16, _splat(v16, 1)]))
+
+
+def _hsum(builder, v):
+    fn = _declare(builder, f"llvm.vector.reduce.add.v{v.type.count}i32", I32, [v.type])
+    return builder.call(fn, [v])
+
+
+def _load(builder, base, off, ty):
+    ptr = builder.gep(base, [off])
+    return builder.load(builder.bitcast(ptr, ty.as_pointer()), align=1)
+
+
+def _prefetch(builder, ptr):
+    fn = _declare(builder, "llvm.prefetch.p0", ir.VoidType(), [ptr.type, I32, I32, I32])
+    builder.call(fn, [ptr, ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
+
+
+def _emit_span(builder, isa, kind, rowp, plane_ptrs, o, e, long=True):
+    """int32 sums over bytes [o, e) for each token of ``plane_ptrs`` (``[token][plane]``: i8 pointers to the
+    planes' column 0). Full vectors in a loop, then at most one of each narrower width, then single bytes."""
+    if (
+        kind == "3"
+    ):  # int3: the low two bits' bytes (group / 4 of the span's 3 * group / 8), then the high bit's
+        m = builder.add(
+            o, builder.udiv(builder.mul(builder.sub(e, o), ir.Constant(o.type, 2)), ir.Constant(o.type, 3))
+        )
+        low = _emit_span(builder, isa, "2", rowp, plane_ptrs, o, m, long)
+        high = _emit_span(builder, isa, "1x4", rowp, plane_ptrs, m, e, long)
+        return [builder.add(a, b) for a, b in zip(low, high, strict=True)]
+    ntok = len(plane_ptrs)
+    intp = o.type
+    width = WIDTH[isa]
+    vnni = isa in VNNI
+    v32 = ir.VectorType(I32, width // 4)
+    v16 = ir.VectorType(I16, width // 2)
+
+    def products(w, at):
+        """Per token, the int16 (or with VNNI, the int32 += ) terms of one chunk of w bytes at ``at``."""
+        v8 = ir.VectorType(I8, w)
+        codes = _decode(builder, _load(builder, rowp, at, v8), kind)
+        return codes, [[_load(builder, p, at, v8) for p in plane_ptrs[n][: len(codes)]] for n in range(ntok)]
+
+    def const(value):
+        return ir.Constant(intp, value)
+
+    accs = [cgutils.alloca_once_value(builder, ir.Constant(v32, None)) for _ in range(ntok)]
+    n_chunks = builder.udiv(builder.sub(e, o), const(width))
+    # Without VNNI, the int16 sums of up to `block` chunks are widened at once (no lane can overflow, BLOCK16):
+    # whole blocks (a constant trip count, which LLVM unrolls), then one partial block.
+    block = 1 if vnni else BLOCK16[kind]
+
+    def run_block(first, count):
+        start = builder.add(o, builder.mul(first, const(width)))
+        _prefetch(builder, builder.gep(rowp, [builder.add(start, const(PREFETCH))]))
+        if vnni:
+            codes, xs = products(width, start)
+            for n in range(ntok):
+                builder.store(_madd_chunk(builder, isa, width, builder.load(accs[n]), codes, xs[n]), accs[n])
+            return
+        p16 = [cgutils.alloca_once_value(builder, ir.Constant(v16, None)) for _ in range(ntok)]
+        for n in range(ntok):
+            builder.store(ir.Constant(v16, None), p16[n])
+        with cgutils.for_range(builder, count) as inner:
+            at = builder.add(start, builder.mul(inner.index, const(width)))
+            if width * block > 64:
+                _prefetch(builder, builder.gep(rowp, [builder.add(at, const(PREFETCH))]))
+            codes, xs = products(width, at)
+            for n in range(ntok):
+                builder.store(_madd16(builder, width, builder.load(p16[n]), codes, xs[n]), p16[n])
+        for n in range(ntok):
+            builder.store(_widen(builder, width, builder.load(accs[n]), builder.load(p16[n])), accs[n])
+
+    if not long:  # a group's few chunks: blocks of min(block, what is left)
+        with cgutils.for_range(
+            builder, builder.udiv(builder.add(n_chunks, const(block - 1)), const(block))
+        ) as outer:
+            first = builder.mul(outer.index, const(block))
+            left = builder.sub(n_chunks, first)
+            run_block(first, builder.select(builder.icmp_signed("<", left, const(block)), left, const(block)))
+        return _emit_tail(builder, isa, kind, rowp, plane_ptrs, o, e, accs, n_chunks, products)
+    n_blocks = builder.udiv(n_chunks, const(block))
+    with cgutils.for_range(builder, n_blocks) as outer:
+        run_block(builder.mul(outer.index, const(block)), const(block))
+    if block > 1:
+        done = builder.mul(n_blocks, const(block))
+        left = builder.sub(n_chunks, done)
+        with builder.if_then(builder.icmp_signed(">", left, const(0))):
+            run_block(done, left)
+    return _emit_tail(builder, isa, kind, rowp, plane_ptrs, o, e, accs, n_chunks, products)
+
+
+def _emit_tail(builder, isa, kind, rowp, plane_ptrs, o, e, accs, n_chunks, products):
+    """Reduce the vector accumulators, then the bytes after the last full vector: at most one vector of each
+    narrower width, then single bytes."""
+    ntok, intp, width = len(plane_ptrs), o.type, WIDTH[isa]
+
+    def const(value):
+        return ir.Constant(intp, value)
+
+    pos = cgutils.alloca_once_value(builder, builder.add(o, builder.mul(n_chunks, const(width))))
+    totals = [cgutils.alloca_once_value(builder, _hsum(builder, builder.load(a))) for a in accs]
+    w = width // 2
+    while w >= 16:
+        at = builder.load(pos)
+        with builder.if_then(builder.icmp_signed(">=", builder.sub(e, at), const(w))):
+            codes, xs = products(w, at)
+            zero = ir.Constant(ir.VectorType(I32, w // 4), None)
+            for n in range(ntok):
+                part = _hsum(builder, _madd_chunk(builder, isa, w, zero, codes, xs[n]))
+                builder.store(builder.add(builder.load(totals[n]), part), totals[n])
+            builder.store(builder.add(at, const(w)), pos)
+        w //= 2
+    start = builder.load(pos)
+    with cgutils.for_range(builder, builder.sub(e, start)) as loop:
+        at = builder.add(start, loop.index)
+        codes = [builder.zext(q, I32) for q in _decode(builder, builder.load(builder.gep(rowp, [at])), kind)]
+        for n in range(ntok):
+            s = builder.load(totals[n])
+            for q, p in zip(codes, plane_ptrs[n][: len(codes)], strict=True):
+                s = builder.add(s, builder.mul(q, builder.sext(builder.load(builder.gep(p, [at])), I32)))
+            builder.store(s, totals[n])
+    return [builder.load(t) for t in totals]
+
+
+class Kern:
+    """An (instruction set, code kind) pair; numba compiles each kernel once per pair (see KernType)."""
+
+    def __init__(self, isa: str, fmt_id: int) -> None:
+        if isa not in WIDTH:
+            raise ValueError(f"no SIMD kernels for {isa!r}")
+        self.isa, self.kind = isa, KIND[fmt_id]
+
+    def __repr__(self) -> str:
+        return f"Kern({self.isa!r}, {self.kind!r})"
+
+
+class KernType(types.Type):
+    def __init__(self, isa: str, kind: str) -> None:
+        self.isa, self.kind = isa, kind
+        super().__init__(name=f"Kern({isa}, {kind})")
+
+
+@typeof_impl.register(Kern)
+def _typeof_kern(val, c):
+    return KernType(val.isa, val.kind)
+
+
+register_model(KernType)(models.OpaqueModel)
+
+
+@unbox(KernType)
+def _unbox_kern(typ, obj, c):
+    return NativeValue(c.context.get_dummy_value())
+
+
+def _make_span(ntok: int):
+    @intrinsic
+    def span(typingctx, kern, qs, i, planes, tok, o, e):
+        """int32 sum (a tuple of ``ntok`` with tokens tok..tok+ntok-1) over bytes [o, e) of row ``i`` of ``qs`` (uint8
+        2-D, unit inner stride) of code times ``planes[tok, :, b]`` (int8 3-D, unit inner stride). int3 spans
+        must be whole groups."""
+        if not isinstance(kern, KernType) or not isinstance(planes, types.Array) or planes.ndim != 3:
+            return None
+        ret = types.int32 if ntok == 1 else types.UniTuple(types.int32, ntok)
+        sig = ret(kern, qs, i, planes, tok, o, e)
+
+        def codegen(context, builder, sig, args):
+            qa = context.make_array(sig.args[1])(context, builder, args[1])
+            pla = context.make_array(sig.args[3])(context, builder, args[3])
+            i_, tok_, o_, e_ = (context.cast(builder, args[k], sig.args[k], types.intp) for k in (2, 4, 5, 6))
+            q0, _ = cgutils.unpack_tuple(builder, qa.strides, 2)
+            kind = sig.args[0].kind
+            ptrs = _plane_pointers(builder, pla, tok_, 8 if kind == "3" else PLANES[kind], ntok)
+            rowp = builder.gep(builder.bitcast(qa.data, I8.as_pointer()), [builder.mul(i_, q0)])
+            sums = _emit_span(builder, sig.args[0].isa, sig.args[0].kind, rowp, ptrs, o_, e_)
+            return sums[0] if ntok == 1 else context.make_tuple(builder, sig.return_type, sums)
+
+        return sig, codegen
+
+    return span
+
+
+span = _make_span(1)
+span4 = _make_span(4)
+
+
+def _plane_pointers(builder, pla, tok, n_planes, ntok):
+    s0, s1, _ = cgutils.unpack_tuple(builder, pla.strides, 3)
+    base = builder.bitcast(pla.data, I8.as_pointer())
+
+    def at(n, t):
+        return builder.add(builder.mul(builder.add(tok, ir.Constant(tok.type, n)), s0),
+                           builder.mul(ir.Constant(tok.type, t), s1))  # fmt: skip
+
+    return [[builder.gep(base, [at(n, t)]) for t in range(n_planes)] for n in range(ntok)]
+
+
+def _make_group_sums(ntok: int):
+    @intrinsic
+    def group_sums(typingctx, kern, qs, i, planes, tok, bpg, sums, col):
+        """For every group g of row ``i`` of ``qs`` (``bpg`` bytes each) and token n of tok..tok+ntok-1: the int32
+        sum of code times activation, stored in ``sums[n, g, col]`` (int32 3-D). Nothing returned."""
+        if not isinstance(kern, KernType) or not isinstance(sums, types.Array) or sums.ndim != 3:
+            return None
+        sig = types.none(kern, qs, i, planes, tok, bpg, sums, col)
+
+        def codegen(context, builder, sig, args):
+            qa = context.make_array(sig.args[1])(context, builder, args[1])
+            pla = context.make_array(sig.args[3])(context, builder, args[3])
+            sa = context.make_array(sig.args[6])(context, builder, args[6])
+            i_, tok_, bpg_, col_ = (
+                context.cast(builder, args[k], sig.args[k], types.intp) for k in (2, 4, 5, 7)
+            )
+            q0, _ = cgutils.unpack_tuple(builder, qa.strides, 2)
+            kind = sig.args[0].kind
+            ptrs = _plane_pointers(builder, pla, tok_, 8 if kind == "3" else PLANES[kind], ntok)
+            rowp = builder.gep(builder.bitcast(qa.data, I8.as_pointer()), [builder.mul(i_, q0)])
+            _, n_groups, _ = cgutils.unpack_tuple(builder, sa.shape, 3)
+            t0, t1, t2 = cgutils.unpack_tuple(builder, sa.strides, 3)
+            sbase = builder.bitcast(sa.data, I8.as_pointer())
+            with cgutils.for_range(builder, n_groups) as loop:
+                o = builder.mul(loop.index, bpg_)
+                sums_g = _emit_span(
+                    builder, sig.args[0].isa, kind, rowp, ptrs, o, builder.add(o, bpg_), long=False
+                )
+                for n, s in enumerate(sums_g):
+                    off = builder.add(builder.add(builder.mul(builder.add(tok_, ir.Constant(tok_.type, n)), t0),
+                                                  builder.mul(loop.index, t1)), builder.mul(col_, t2))  # fmt: skip
+                    builder.store(s, builder.bitcast(builder.gep(sbase, [off]), I32.as_pointer()))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return group_sums
+
+
+group_sums = _make_group_sums(1)
+group_sums4 = _make_group_sums(4)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernels (the same contracts and float order as bitsweep.kernels.fast's portable ones). Arrays go straight to the
+# intrinsics: no row slices or inlined helpers taking arrays, whose reference counting cost more than a group's
+# dot product.
+
+ROWS_PER_TASK = 16
+
+
+@njit(cache=True)
+def gather_planes8(xq, index):
+    """int8 planes ``(n_tokens, n_planes, row_bytes)`` of int8-valued activations ``xq`` ``(n_tokens, k)``."""
+    n_tok = xq.shape[0]
+    n_planes, n_bytes = index.shape
+    out = np.empty((n_tok, n_planes, n_bytes), np.int8)
+    for n in range(n_tok):
+        for t in range(n_planes):
+            for b in range(n_bytes):
+                j = index[t, b]
+                out[n, t, b] = np.int8(xq[n, j]) if j >= 0 else np.int8(0)
+    return out
+
+
+@njit(parallel=True, cache=True)
+def gemv_rows(kern, qs, a, c, P, xsum_total, xscale, out):
+    """One token, one scale per row (BitNet absmean) and per token: each row is one integer sum."""
+    n_rows, n_bytes = qs.shape
+    for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        for i in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
+            s = span(kern, qs, i, P, 0, 0, n_bytes)
+            out[i] = (a[i, 0] * np.float32(s) + c[i, 0] * np.float32(xsum_total)) * xscale
+
+
+@njit(parallel=True, cache=True)
+def gemv_groups(kern, qs, aT, cT, bpg, P, xsum, xscale, out):
+    """One token, per-group scales: an integer sum per group, groups combined in the reference's order. The
+    combination runs across the task's rows at once (``aT``, ``cT``: the scalars transposed, ``(n_groups,
+    n_rows)``), each row's own float operations unchanged, so it vectorises over rows."""
+    n_groups, n_rows = aT.shape
+    for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        r0 = task * ROWS_PER_TASK
+        nr = min(n_rows, r0 + ROWS_PER_TASK) - r0
+        sums = np.empty((1, n_groups, ROWS_PER_TASK), np.int32)
+        for r in range(nr):
+            group_sums(kern, qs, r0 + r, P, 0, bpg, sums, r)
+        acc = np.zeros(ROWS_PER_TASK, np.float32)
+        for g in range(n_groups):
+            xs, sc = np.float32(xsum[g]), xscale[g]
+            for r in range(nr):
+                acc[r] += (aT[g, r0 + r] * np.float32(sums[0, g, r]) + cT[g, r0 + r] * xs) * sc
+        for r in range(nr):
+            out[r0 + r] = acc[r]
+
+
+@njit(parallel=True, cache=True)
+def gemm(kern, qs, a, c, aT, cT, bpg, P, xsum, xscale, uniform, out):
+    """Batched: each row is read once and each chunk of its codes decoded once per four tokens. ``uniform``: one
+    scale per row and per token (formats.uniform_row_scales), so a row is one integer sum per token; otherwise
+    per-group sums combined as in gemv_groups."""
+    n_rows, n_groups = a.shape
+    n_tok = P.shape[0]
+    n_bytes = qs.shape[1]
+    xsum_total = np.zeros(n_tok, np.int32)
+    for t in range(n_tok):
+        for g in range(n_groups):
+            xsum_total[t] += xsum[t, g]
+    n4 = n_tok - n_tok % 4
+    for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        r0 = task * ROWS_PER_TASK
+        nr = min(n_rows, r0 + ROWS_PER_TASK) - r0
+        if uniform:
+            for i in range(r0, r0 + nr):
+                for t in range(0, n4, 4):
+                    s4 = span4(kern, qs, i, P, t, 0, n_bytes)
+                    for u in range(4):
+                        out[t + u, i] = (
+                            a[i, 0] * np.float32(s4[u]) + c[i, 0] * np.float32(xsum_total[t + u])
+                        ) * xscale[t + u, 0]
+                for t in range(n4, n_tok):
+                    s = span(kern, qs, i, P, t, 0, n_bytes)
+                    out[t, i] = (a[i, 0] * np.float32(s) + c[i, 0] * np.float32(xsum_total[t])) * xscale[t, 0]
+            continue
+        sums = np.empty((n_tok, n_groups, ROWS_PER_TASK), np.int32)
+        for r in range(nr):
+            for t in range(0, n4, 4):
+                group_sums4(kern, qs, r0 + r, P, t, bpg, sums, r)
+            for t in range(n4, n_tok):
+                group_sums(kern, qs, r0 + r, P, t, bpg, sums, r)
+        acc = np.empty(ROWS_PER_TASK, np.float32)
+        for t in range(n_tok):
+            acc[:] = 0
+            for g in range(n_groups):
+                xs, sc = np.float32(xsum[t, g]), xscale[t, g]
+                for r in range(nr):
+                    acc[r] += (aT[g, r0 + r] * np.float32(sums[t, g, r]) + cT[g, r0 + r] * xs) * sc
+            for r in range(nr):
+                out[t, r0 + r] = acc[r]
