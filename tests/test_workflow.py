@@ -92,6 +92,18 @@ def results(workdir: Path) -> dict[str, dict]:
     return {f"{p.parent.name}/{p.stem}": json.loads(p.read_text()) for p in folder.glob("*/*.json")}
 
 
+# Full-vocabulary KLD of every smoke variant as measured on main (Nov 30, AMD EPYC Zen 3; quality numbers are the
+# same on every host so far). A variant more than 25% away in either direction has changed: a quantizer that
+# silently stops quantizing reads too low, a broken one too high.
+MEASURED_KLD = {
+    "llamacpp/q8_0": 0.00414, "llamacpp/q4_k_m": 0.0537, "llamacpp/q2_k": 0.415, "llamacpp/iq2_xxs": 0.424,
+    "llamacpp/tq2_0": 11.2, "openvino/int8_asym": 0.00363, "openvino/int4_asym_g128": 0.303,
+    "openvino/int4_asym_awq_se": 0.175, "bitnet/int4_g64": 0.306, "bitnet/tq2_0": 15.8,
+    "onnxruntime/int4_g32_sym": 0.329, "olive/rtn_int4_g32": 0.329, "qnn/w8a16": 0.0686, "mlx/mxfp4": 1.14,
+}  # fmt: skip
+MARGIN = 0.25
+
+
 def test_sweep_produces_sane_comparable_results(sweep):
     rows = results(sweep)
     llamacpp = ("q8_0", "q4_k_m", "q2_k", "iq2_xxs", "tq2_0")
@@ -114,7 +126,8 @@ def test_sweep_produces_sane_comparable_results(sweep):
     assert rows["openvino/int4_asym_g128"]["artifact"]["applied"]["weight_types"]["u4"] > 100
     # Every conversion (llama.cpp's f32 GGUF, the OpenVINO IR, the ONNX export, the MLX folder) agrees with torch
     # before anything is quantized.
-    for fmt, bound in (("gguf", 1e-2), ("openvino", 1e-2), ("onnx", 1e-3), ("mlx", 1e-3)):
+    # llama.cpp keeps its KV cache in f16 by default: its f32 GGUF reads 0.028 from torch (the others ~1e-4)
+    for fmt, bound in (("gguf", 0.05), ("openvino", 1e-3), ("onnx", 1e-3), ("mlx", 1e-3)):
         check = json.loads((sweep / f"results/smoke/converted/smollm2-135m/{fmt}.check.json").read_text())
         assert check["max_abs_logit_diff_vs_torch"] < bound, (fmt, check)
     # The ONNX family really quantized (MatMulNBits / QDQ) and stays usable at 4-bit weights / W8A16.
@@ -124,8 +137,11 @@ def test_sweep_produces_sane_comparable_results(sweep):
         == "OnnxBlockWiseRtnQuantization"
     )
     assert rows["qnn/w8a16"]["artifact"]["applied"]["quant_ops"]["QuantizeLinear"] > 1000
+    for key, kld in MEASURED_KLD.items():
+        assert (1 - MARGIN) * kld < m[key]["kld"] < (1 + MARGIN) * kld, (key, m[key]["kld"], kld)
+        assert m[key]["kld_lo"] <= m[key]["kld"] <= m[key]["kld_hi"], key
     for key in onnx_family:
-        assert m[key]["kld"] < 1.0 and m[key]["top1"] > 0.5, (key, m[key])
+        assert m[key]["top1"] > 0.5, (key, m[key])
     assert m["qnn/w8a16"]["kld"] < m["onnxruntime/int4_g32_sym"]["kld"]
     assert rows["mlx/mxfp4"]["artifact"]["applied"]["bpw"] < 6 and math.isfinite(m["mlx/mxfp4"]["ppl"])
     sizes = [m[f"llamacpp/{s}"]["size_bytes"] for s in ("q8_0", "q4_k_m", "q2_k")]

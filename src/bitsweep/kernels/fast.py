@@ -485,22 +485,33 @@ def prepare_activations_fast(x: np.ndarray, k_padded: int, group: int, act: str 
     return Activations(xq, xsum, scale, integer=True)
 
 
-@njit(cache=True)
-def _gemv_token(fmt, qs, a, c, group, bytes_per_group, index, uniform, x, out):
-    """One token, int8 per-token activations: quantize, gather planes and multiply in a single compiled call
-    (generation calls this once per Linear per token, where Python-side overhead would dominate)."""
-    k = x.shape[0]
-    n_groups = a.shape[1]
+@njit(inline="always")
+def _quantize_token(x, group, n_groups):
+    """One token's int8 activations, per group: (1, k_padded) int16 codes, (1, n_groups) sums and scales."""
     k_padded = n_groups * group
     xq = np.zeros((1, k_padded), np.int16)
     xsum = np.empty((1, n_groups), np.int32)
     scale = np.empty((1, n_groups), np.float32)
-    _quantize_activations(x.reshape(1, k), k_padded, group, xq, xsum, scale)
+    _quantize_activations(x.reshape(1, x.shape[0]), k_padded, group, xq, xsum, scale)
+    return xq, xsum, scale
+
+
+@njit(inline="always")
+def _sum_i32(values):
+    total = np.int32(0)
+    for g in range(values.shape[0]):
+        total += values[g]
+    return total
+
+
+@njit(cache=True)
+def _gemv_token(fmt, qs, a, c, group, bytes_per_group, index, uniform, x, out):
+    """One token, int8 per-token activations: quantize, gather planes and multiply in a single compiled call
+    (generation calls this once per Linear per token, where Python-side overhead would dominate)."""
+    xq, xsum, scale = _quantize_token(x, group, a.shape[1])
     planes = _gather_planes(xq[0], index)
     if uniform:
-        total = np.int32(0)
-        for g in range(n_groups):
-            total += xsum[0, g]
+        total = _sum_i32(xsum[0])
         _gemv_int_rows(fmt, qs, a, c, planes, total, scale[0, 0], out)
     else:
         _gemv_int(fmt, qs, a, c, group, bytes_per_group, planes, xsum[0], scale[0], out)
@@ -509,18 +520,10 @@ def _gemv_token(fmt, qs, a, c, group, bytes_per_group, index, uniform, x, out):
 @njit(cache=True)
 def _gemv_token_simd(kern, qs, a, c, aT, cT, group, bytes_per_group, index, uniform, x, out):
     """_gemv_token on the SIMD kernels: int8 planes instead of int16 ones."""
-    k = x.shape[0]
-    n_groups = a.shape[1]
-    k_padded = n_groups * group
-    xq = np.zeros((1, k_padded), np.int16)
-    xsum = np.empty((1, n_groups), np.int32)
-    scale = np.empty((1, n_groups), np.float32)
-    _quantize_activations(x.reshape(1, k), k_padded, group, xq, xsum, scale)
+    xq, xsum, scale = _quantize_token(x, group, a.shape[1])
     planes = simd.gather_planes8(xq, index)
     if uniform:
-        total = np.int32(0)
-        for g in range(n_groups):
-            total += xsum[0, g]
+        total = _sum_i32(xsum[0])
         simd.gemv_rows(kern, qs, a, c, planes, total, scale[0, 0], out)
     else:
         simd.gemv_groups(kern, qs, aT, cT, bytes_per_group, planes, xsum[0], scale[0], out)
