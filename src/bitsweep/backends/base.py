@@ -17,6 +17,7 @@ Metrics live in bitsweep.evaluate and never see a framework.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import platform
 import time
@@ -279,10 +280,15 @@ def base_meta(request: QuantizeRequest, backend: str, versions: dict[str, str]) 
     from bitsweep.manifest import sha256_file
 
     def digest(path: Path | None) -> str | None:
+        """sha256 of a file, or of a folder's listing of its files' digests (hidden files, such as Snakemake's
+        .snakemake_timestamp, left out)."""
         if path is None:
             return None
-        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-        return sha256_file(files[0]) if len(files) == 1 else None
+        if path.is_file():
+            return sha256_file(path)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        listing = "".join(f"{sha256_file(f)}  {f.relative_to(path).as_posix()}\n" for f in files)
+        return hashlib.sha256(listing.encode()).hexdigest()
 
     return {
         "backend": backend,
