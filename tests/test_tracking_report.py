@@ -43,11 +43,11 @@ def test_report_tables_and_plots(tmp_path, results):
     rows = aggregate_results(results, tmp_path / "report")
     assert rows[0]["scheme"] == "fp32"
     md = (tmp_path / "report" / "results.md").read_text()
-    assert "| llamacpp | q4_k_m | 4 | 6.20 | 100.0 | 16 | – | 0.05 [0.045, 0.055] | 95 |" in md
+    assert "| llamacpp | q4_k_m | 4 | 6.20 | 100.0 | 16.00 | – | 0.05000 [0.04500, 0.05500] | 95.00 |" in md
     assert "| llamacpp | tq1_0 | 1 | 1.70 | 60.0 | 1.1e+08 |" in md  # not 114044705.765
     assert "How to read this table" in md and "95% paired bootstrap" in md
     # ladder neighbours (by bits/weight): q8_0 -> q4_k_m resolved, q4_k_m -> bad, bad -> q2_k, q2_k -> tq1_0
-    assert "| llamacpp | q8_0 | q4_k_m | 0.046 [" in md and "| yes |" in md
+    assert "| llamacpp | q8_0 | q4_k_m | 0.04600 [" in md and "| yes |" in md
     csv_text = (tmp_path / "report" / "results.csv").read_text()
     assert csv_text.count("\n") == 7 and "per_window" not in csv_text
     for name in ("kld_vs_size.png", "ppl_vs_bpw.png", "speed_vs_size.png"):

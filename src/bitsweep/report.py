@@ -145,7 +145,7 @@ def _num(value: float) -> str:
     """4 significant digits; scientific notation past 10^5 (a destroyed variant reads 1.1e+08, not 114044705.765)."""
     if abs(value) >= 1e5 or (value and abs(value) < 1e-4):
         return f"{value:.2g}" if abs(value) >= 1e5 else f"{value:.1e}"
-    return f"{value:.4g}"
+    return f"{value:#.4g}".rstrip(".")  # 13.00, not 13
 
 
 def _cell(fmt: str, key: str, row: dict[str, Any]) -> str:
