@@ -282,8 +282,8 @@ def test_changing_one_scheme_reruns_only_that_variant(sweep):
             "backends.openvino.calibration: unknown keys ['n_sampels']",
         ),
         (
-            '["+backends.qnn.calibration.n_samples=two"]',
-            "backends.qnn.calibration.n_samples: expected int, got 'two'",
+            '["+backends.qnn.calibration.n_ctx=two"]',
+            "backends.qnn.calibration.n_ctx: expected int, got 'two'",
         ),
         ('["sweep.mlx=[mxfp4,mxfp4]"]', "sweep.mlx lists mxfp4 more than once"),
         (
