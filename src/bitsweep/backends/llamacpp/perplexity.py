@@ -37,8 +37,10 @@ def llama_perplexity(
     kld: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """Run llama-perplexity; returns what it printed: ``ppl`` (and with ``kld``: ppl_q, ppl_base, kld, ...)."""
+    # -fa off: the engine settings of our runner (llama-cpp-python's Llama: flash attention off); with its
+    # default (auto) llama-perplexity's perplexity moves in the 5th digit.
     args: list[Any] = [tool_path("llama-perplexity"), "-m", gguf_file(model), "-f", text, "-c", n_ctx,
-                       "-b", n_ctx, "--chunks", chunks, "-t", threads]  # fmt: skip
+                       "-b", n_ctx, "--chunks", chunks, "-t", threads, "-fa", "off"]  # fmt: skip
     if kld_base is not None:
         args += ["--kl-divergence-base", kld_base]
     if kld:
