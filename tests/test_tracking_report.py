@@ -48,6 +48,12 @@ def test_report_tables_and_plots(tmp_path, results):
     assert "How to read this table" in md and "95% paired bootstrap" in md
     # ladder neighbours (by bits/weight): q8_0 -> q4_k_m resolved, q4_k_m -> bad, bad -> q2_k, q2_k -> tq1_0
     assert "| llamacpp | q8_0 | q4_k_m | 0.04600 [" in md and "| yes |" in md
+    # the KLD-vs-size front: q8_0 (140 MB) -> q4_k_m -> q2_k -> tq1_0 (bad is dominated)
+    assert (
+        "| front | llamacpp/q8_0 | llamacpp/q4_k_m |" in md
+        and "| front | llamacpp/q2_k | llamacpp/tq1_0 |" in md
+    )
+    assert "llamacpp/bad" not in md
     csv_text = (tmp_path / "report" / "results.csv").read_text()
     assert csv_text.count("\n") == 7 and "per_window" not in csv_text
     for name in ("kld_vs_size.png", "ppl_vs_bpw.png", "speed_vs_size.png"):

@@ -43,7 +43,8 @@ bits_per_byte; it does not depend on the tokenizer). KLD is over the whole vocab
 kept at 16 bits, as llama.cpp does). Intervals are 95% paired bootstrap intervals over windows (tokens within a
 window are correlated, so whole windows are resampled; the ratio to the reference uses the same draws on both
 sides). *greedy match* is how much of a greedy continuation of prompts cut from the evaluation text follows the
-reference's before the first different token. Two neighbours on a ladder are *resolved* when the interval of their paired KLD difference excludes 0;
+reference's before the first different token. Two neighbours on a backend's ladder or on the Pareto front of KLD vs size are *resolved* when the interval of
+their paired KLD difference excludes 0;
 *windows needed* estimates how many windows would resolve a difference of that size."""
 
 
@@ -68,6 +69,18 @@ def neighbours(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             diff = paired_difference(b["per_window"]["all"], a["per_window"]["all"], "kld")
             out.append({"backend": backend, "larger": a["scheme"], "smaller": b["scheme"], **diff})
     return out
+
+
+def front_pairs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Adjacent variants on the Pareto front of KLD vs file size (any backend): is each step resolved?"""
+    from bitsweep.stats import paired_difference
+
+    scored = [r for r in rows if r["backend"] != "reference" and r.get("per_window") and "kld" in r]
+    front = sorted((scored[i] for i in pareto_front([(r["size_mb"], r["kld"]) for r in scored])),
+                   key=lambda r: -r["size_mb"])  # fmt: skip
+    return [{"backend": "front", "larger": f"{a['backend']}/{a['scheme']}", "smaller": f"{b['backend']}/{b['scheme']}",
+             **paired_difference(b["per_window"]["all"], a["per_window"]["all"], "kld")}
+            for a, b in itertools.pairwise(front)]  # fmt: skip
 
 
 def variant_outcomes(expected: dict[tuple[str, str], list[Path]]) -> tuple[list[Path], list[dict]]:
@@ -120,9 +133,10 @@ def write_tables(rows: list[dict[str, Any]], out_dir: Path) -> None:
             continue
         cells = [_cell(fmt, key, row) for key, _, fmt in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
-    pairs = neighbours([r for r in rows if r.get("status", "ok") == "ok"])
+    ok = [r for r in rows if r.get("status", "ok") == "ok"]
+    pairs = neighbours(ok) + front_pairs(ok)
     if pairs:
-        lines += ["", "## Neighbours on each ladder (KLD of the smaller minus the larger)", "",
+        lines += ["", "## Neighbours on each ladder and on the Pareto front (KLD of the smaller minus the larger)", "",
                   "| backend | larger | smaller | ΔKLD nats [95% CI] | resolved | windows needed |",
                   "|---|---|---|---|---|---|"]  # fmt: skip
         for p in pairs:
