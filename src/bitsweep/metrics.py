@@ -4,8 +4,8 @@ The reference keeps, per scored position, its full-vocabulary log-probabilities 
 ``--kl-divergence-base`` does (:class:`ReferenceRows`): each row stores the log-probs within
 ``LOGP_RANGE`` nats of its most likely token as uint16 codes on a uniform grid (step 24 / 65535 = 3.7e-4 nats);
 tokens below that range (probability < e^-24 of the top token's) count as probability 0. KL divergence is the
-full-vocabulary sum over that reference, renormalised. (:class:`ReferenceTopK`, top-k + one tail bucket, is a
-lower bound kept for quick checks in tests.)
+full-vocabulary sum over that reference, renormalised. (:class:`ReferenceTopK` and :func:`kl_divergence`,
+top-k + one tail bucket, a lower bound, serve quick orderings in the backend tests.)
 
 Protocols (which positions are scored, all from the same per-position log-probs):
   ``all``       every position of every window (tokens 1..n-1 given their prefix)
@@ -147,7 +147,8 @@ class QualityAccumulator:
     def add(
         self, ids: np.ndarray, logits: np.ndarray, ref: ReferenceRows | ReferenceTopK | None
     ) -> np.ndarray:
-        """Score one window; returns its (n-1, V) float64 log-probs (the reference keeps them)."""
+        """Score one window; returns its (n-1, V) float64 log-probs (the reference keeps them). A top-k
+        reference (exact for identical logits, where the 16-bit one reads ~1e-8) serves unit tests."""
         if not np.isfinite(logits).all():
             raise FloatingPointError("runner returned non-finite logits")
         logp = log_softmax(logits[:-1])  # (n-1, V) float64, computed once per window
@@ -183,8 +184,12 @@ class QualityAccumulator:
             "ppl_stderr": float(np.exp(nll.mean()) * nll.std(ddof=1) / np.sqrt(len(nll))),
             "n_scored": len(nll),
         }
-        half = np.concatenate([x[scored("llamacpp", len(x))] for x in self.nll])
-        out |= {"ppl_llamacpp": float(np.exp(half.mean())), "n_scored_llamacpp": len(half)}
+        half = self.per_window()["llamacpp"]  # the second half of each window: means of its sums
+
+        def mean(key: str) -> float:
+            return sum(half[key]) / sum(half["n"])
+
+        out |= {"ppl_llamacpp": float(np.exp(mean("nll"))), "n_scored_llamacpp": int(sum(half["n"]))}
         if text_bytes and text_words:
             out |= {"word_ppl": float(np.exp(nll.sum() / text_words)),
                     "byte_ppl": float(np.exp(nll.sum() / text_bytes)),
@@ -197,11 +202,7 @@ class QualityAccumulator:
                 "kld_p99": float(np.percentile(kld, 99)),
                 "kld_max": float(kld.max()),
                 "top1": float(np.concatenate(self.top1).mean()),
-                "kld_llamacpp": float(
-                    np.concatenate([k[scored("llamacpp", len(k))] for k in self.kld]).mean()
-                ),
-                "top1_llamacpp": float(
-                    np.concatenate([t[scored("llamacpp", len(t))] for t in self.top1]).mean()
-                ),
+                "kld_llamacpp": mean("kld"),
+                "top1_llamacpp": mean("top1"),
             }
         return out
