@@ -21,14 +21,30 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def manifest_lines(folder: str | Path, exclude: tuple[str, ...] = (), hidden: bool = True) -> list[str]:
+    """``sha256  relative/path`` for every file under ``folder`` (sorted), ``sha256sum -c`` format."""
+    folder = Path(folder)
+    return [
+        f"{sha256_file(path)}  {path.relative_to(folder).as_posix()}"
+        for path in sorted(p for p in folder.rglob("*") if p.is_file())
+        if path.relative_to(folder).as_posix() not in exclude and (hidden or not path.name.startswith("."))
+    ]
+
+
+def sha256_path(path: str | Path) -> str:
+    """sha256 of a file, or of a folder's manifest lines (hidden files, such as Snakemake's
+    .snakemake_timestamp in directory outputs, left out)."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    listing = "".join(line + "\n" for line in manifest_lines(path, hidden=False))
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
 def write_manifest(folder: str | Path, exclude: tuple[str, ...] = (MANIFEST,)) -> Path:
     """Hash every file under ``folder`` into ``folder/manifest.sha256`` (sorted, relative paths)."""
     folder = Path(folder)
-    lines = [
-        f"{sha256_file(path)}  {path.relative_to(folder).as_posix()}"
-        for path in sorted(p for p in folder.rglob("*") if p.is_file())
-        if path.relative_to(folder).as_posix() not in exclude
-    ]
+    lines = manifest_lines(folder, exclude)
     out = folder / MANIFEST
     out.write_text("\n".join(lines) + "\n")
     return out

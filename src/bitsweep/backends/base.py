@@ -17,7 +17,6 @@ Metrics live in bitsweep.evaluate and never see a framework.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 import platform
 import time
@@ -277,18 +276,7 @@ class BaseQuantizer:
 
 def base_meta(request: QuantizeRequest, backend: str, versions: dict[str, str]) -> dict[str, Any]:
     """The part of every artifact sidecar that does not depend on the backend."""
-    from bitsweep.manifest import sha256_file
-
-    def digest(path: Path | None) -> str | None:
-        """sha256 of a file, or of a folder's listing of its files' digests (hidden files, such as Snakemake's
-        .snakemake_timestamp, left out)."""
-        if path is None:
-            return None
-        if path.is_file():
-            return sha256_file(path)
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-        listing = "".join(f"{sha256_file(f)}  {f.relative_to(path).as_posix()}\n" for f in files)
-        return hashlib.sha256(listing.encode()).hexdigest()
+    from bitsweep.manifest import sha256_path
 
     return {
         "backend": backend,
@@ -297,9 +285,9 @@ def base_meta(request: QuantizeRequest, backend: str, versions: dict[str, str]) 
         "options": request.scheme.options,
         "settings": dataclasses.asdict(request.settings),
         "source": str(request.src),
-        "source_sha256": digest(request.src) if request.src.is_file() else None,
+        "source_sha256": sha256_path(request.src) if request.src.is_file() else None,
         "calibration": str(request.calibration) if request.calibration else None,
-        "calibration_sha256": digest(request.calibration),
+        "calibration_sha256": sha256_path(request.calibration) if request.calibration else None,
         "versions": versions,
         "host": {"machine": platform.machine(), "python": platform.python_version()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
