@@ -32,7 +32,7 @@ rule all:
 
 rule all_quantized:
     input:
-        [quantized_dir(v) for v in VARIANTS],
+        [quantized_dir(m, v) for m in MODELS for v in EXP.variants_of(m)],
 
 
 rule all_evaluated:

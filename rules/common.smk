@@ -16,6 +16,7 @@ from bitsweep.backends import backend_info
 from bitsweep.backends.base import output_settings
 from bitsweep.config import load_experiment
 from bitsweep.errors import BitsweepError
+from bitsweep.planning import stage_mb
 from bitsweep.preflight import check_before_run
 from bitsweep.typed import to_json
 
@@ -32,11 +33,12 @@ try:
         str(config.get("experiment", "default")),
         list(config.get("overrides") or []),
     )
-    check_before_run(EXP, f"results/{EXP.name}")
+    for line in check_before_run(EXP, f"results/{EXP.name}", config.get("max_mem_mb"), dry_run=workflow.output_settings.dryrun):
+        print(f"bitsweep: {line}", file=sys.stderr)
 except BitsweepError as err:
     raise WorkflowError(f"bitsweep: {err}") from None
 
-MODEL = EXP.model.name
+MODELS = {m.name: m for m in EXP.models}  # each with its own windows, reference and variants
 OUT = f"results/{EXP.name}"
 LOGS = f"{OUT}/logs"
 BENCH = f"{OUT}/benchmarks"
@@ -46,7 +48,7 @@ CALIB_TEXT = f"data/text/{EXP.eval.text.source}/calib.txt"
 
 
 wildcard_constraints:
-    model=MODEL,
+    model="|".join(MODELS),
     backend="|".join(EXP.schemes),
     scheme="|".join(v.name for v in VARIANTS),
     format="|".join(CONVERSIONS) or "(?!)",
@@ -60,30 +62,39 @@ def scheme_of(wildcards):
     return EXP.scheme(wildcards.backend, wildcards.scheme)
 
 
-def quantized_dir(scheme):
-    return f"{OUT}/quantized/{MODEL}/{scheme.backend}/{scheme.name}"
+def quantized_dir(model, scheme):
+    return f"{OUT}/quantized/{model}/{scheme.backend}/{scheme.name}"
+
+
+def cells():
+    """Every (model, backend, scheme) of the sweep, each model's reference first."""
+    return [(m, backend, scheme) for m in MODELS for backend, scheme in [("reference", "fp32"),
+            *((v.backend, v.name) for v in EXP.variants_of(m))]]  # fmt: skip
 
 
 def evaluated_results():
-    return [f"{OUT}/evaluated/{MODEL}/{v.backend}/{v.name}.json" for v in VARIANTS]
+    return [f"{OUT}/evaluated/{m}/{b}/{s}.json" for m, b, s in cells() if b != "reference"]
 
 
 def all_results():
-    return [f"{OUT}/evaluated/{MODEL}/reference/fp32.json", *evaluated_results()]
+    return [f"{OUT}/evaluated/{m}/{b}/{s}.json" for m, b, s in cells()]
 
 
 def conversion_checks():
-    return [f"{OUT}/converted/{MODEL}/{fmt}.check.json" for fmt in CONVERSIONS]
+    return [f"{OUT}/converted/{m}/{fmt}.check.json" for m in MODELS for fmt in EXP.formats_of(m)]
 
 
 def tracking_outputs():
     if not EXP.tracking.enabled:
         return []
-    cells = [("reference", "fp32"), *((v.backend, v.name) for v in VARIANTS)]
-    return [f"{OUT}/tracking/{MODEL}/{backend}/{scheme}.json" for backend, scheme in cells]
+    return [f"{OUT}/tracking/{m}/{b}/{s}.json" for m, b, s in cells()]
 
 
-REPORT_FILES = ["results.csv", "results.md", "kld_vs_size.png", "ppl_vs_bpw.png", "speed_vs_size.png"]
+def model_json(wildcards):
+    return to_json(MODELS[wildcards.model])
+
+
+REPORT_FILES = ["results.csv", "results.md", "kld_vs_size.png", "ppl_vs_bpw.png", "speed_vs_size.png", "bpb_vs_size.png"]
 
 
 def report_outputs():
@@ -103,10 +114,10 @@ def screenshot_outputs():
     return [f"{OUT}/report/mlflow_compare.png"]
 
 
-def converted_model(backend):
+def converted_model(model, backend):
     """The converted format a backend's quantizer reads (its capability data: source_format)."""
     fmt = info(backend).source_format
-    return f"{OUT}/converted/{MODEL}/{fmt.name}" if fmt.converter else f"data/models/{MODEL}"
+    return f"{OUT}/converted/{model}/{fmt.name}" if fmt.converter else f"data/models/{model}"
 
 
 def convert_options(wildcards):
@@ -114,7 +125,19 @@ def convert_options(wildcards):
 
 
 def convert_mem_mb(wildcards):
-    return CONVERSIONS[wildcards.format][0].mem_mb
+    return stage_mb(EXP, wildcards.model, f"convert:{wildcards.format}")
+
+
+def check_mem_mb(wildcards):
+    return stage_mb(EXP, wildcards.model, f"check:{wildcards.format}")
+
+
+def reference_mem_mb(wildcards):
+    return stage_mb(EXP, wildcards.model, "reference")
+
+
+def evaluate_mem_mb(wildcards):
+    return stage_mb(EXP, wildcards.model, f"evaluate:{wildcards.backend}")
 
 
 def calibrated_backends():
@@ -125,10 +148,10 @@ def get_quantize_input(wildcards):
     """The converted model, plus what a data-aware scheme reads: the backend's calibration step's output (llama.cpp's
     importance matrix) or the calibration text."""
     scheme = scheme_of(wildcards)
-    inputs = {"src": converted_model(scheme.backend)}
+    inputs = {"src": converted_model(wildcards.model, scheme.backend)}
     if scheme.needs_calibration:
         calibrated = info(scheme.backend).calibration_step
-        inputs["calibration"] = f"{OUT}/calibration/{MODEL}/{scheme.backend}" if calibrated else CALIB_TEXT
+        inputs["calibration"] = f"{OUT}/calibration/{wildcards.model}/{scheme.backend}" if calibrated else CALIB_TEXT
     return inputs
 
 
@@ -145,8 +168,9 @@ def backend_threads(wildcards):
 
 
 def backend_mem_mb(wildcards):
-    """A backend's memory for its jobs (backends.<backend>.mem_mb), so the scheduler can pack them."""
-    return settings_of(wildcards.backend).mem_mb
+    """A backend's memory for its jobs, so the scheduler can pack them: backends.<backend>.mem_mb, or more where
+    the model's size says its quantizer needs more (bitsweep.planning)."""
+    return max(settings_of(wildcards.backend).mem_mb, stage_mb(EXP, wildcards.model, f"quantize:{wildcards.backend}"))
 
 
 def get_scheme_json(wildcards):
@@ -166,7 +190,7 @@ def get_run_params(wildcards):
     """What MLflow records as a variant's parameters (flattened there)."""
     import dataclasses
 
-    params = {"model": dataclasses.asdict(EXP.model), "eval": dataclasses.asdict(EXP.eval)}
+    params = {"model": dataclasses.asdict(MODELS[wildcards.model]), "eval": dataclasses.asdict(EXP.eval)}
     if wildcards.backend != "reference":
         scheme = scheme_of(wildcards)
         params |= {"options": scheme.options, "settings": output_settings(settings_of(scheme.backend))}
@@ -181,9 +205,9 @@ def report_after_failure():
     """onerror: with --keep-going the other variants finished; report them and list what failed, with why."""
     from bitsweep.report import aggregate_results, variant_outcomes
 
-    cells = [("reference", "fp32"), *((v.backend, v.name) for v in VARIANTS)]
-    upstream = [[], *([Path(quantized_dir(v))] for v in VARIANTS)]  # the jobs before each result
-    expected = {cell: [*jobs, Path(result)] for cell, jobs, result in zip(cells, upstream, all_results(), strict=True)}
+    # the jobs before each result: none for a reference, the quantization for a variant
+    upstream = [[] if b == "reference" else [Path(f"{OUT}/quantized/{m}/{b}/{s}")] for m, b, s in cells()]
+    expected = {cell: [*jobs, Path(result)] for cell, jobs, result in zip(cells(), upstream, all_results(), strict=True)}
     results, failed = variant_outcomes(expected)
     if results:
         aggregate_results(results, Path(f"{OUT}/report"), failed)
@@ -197,14 +221,14 @@ def profiled_backends():
 def get_device_profile(wildcards):
     """A variant's hosted-device record when its backend profiles on a device (QNN: AI Hub), for MLflow."""
     if wildcards.backend in profiled_backends():
-        return [f"{OUT}/device/{MODEL}/{wildcards.backend}/{wildcards.scheme}.json"]
+        return [f"{OUT}/device/{wildcards.model}/{wildcards.backend}/{wildcards.scheme}.json"]
     return []
 
 
 def variant_logs(wildcards):
     if wildcards.backend == "reference":
-        return [f"{LOGS}/evaluate/{MODEL}/reference/fp32.log"]
+        return [f"{LOGS}/evaluate/{wildcards.model}/reference/fp32.log"]
     return [
-        f"{LOGS}/quantize/{MODEL}/{wildcards.backend}/{wildcards.scheme}.log",
-        f"{LOGS}/evaluate/{MODEL}/{wildcards.backend}/{wildcards.scheme}.log",
+        f"{LOGS}/quantize/{wildcards.model}/{wildcards.backend}/{wildcards.scheme}.log",
+        f"{LOGS}/evaluate/{wildcards.model}/{wildcards.backend}/{wildcards.scheme}.log",
     ]

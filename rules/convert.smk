@@ -12,7 +12,7 @@ rule convert:
     benchmark:
         f"{BENCH}/convert/{{model}}/{{format}}.tsv"
     params:
-        model=to_json(EXP.model),
+        model=model_json,
         options=convert_options,
     threads: 2
     resources:
@@ -32,10 +32,10 @@ rule check_conversion:
     log:
         f"{LOGS}/check_conversion/{{model}}/{{format}}.log",
     params:
-        model=to_json(EXP.model),
+        model=model_json,
     threads: EXP.eval.threads
     resources:
-        mem_mb=convert_mem_mb,
+        mem_mb=check_mem_mb,
     shell:
         "python scripts/run_stage.py check_conversion --format {wildcards.format} --model {params.model:q}"
         " --model-dir {input.model:q} --converted {input.converted:q} --windows-path {input.windows:q}"

@@ -6,7 +6,7 @@ rule download_model:
     benchmark:
         f"{BENCH}/download_model/{{model}}.tsv"
     params:
-        model=to_json(EXP.model),
+        model=model_json,
     shell:
         "python scripts/run_stage.py download_model --model {params.model:q} --out {output:q} > {log:q} 2>&1"
 

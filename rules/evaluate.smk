@@ -30,12 +30,12 @@ rule evaluate_reference:
     benchmark:
         f"{BENCH}/evaluate/{{model}}/reference/fp32.tsv"
     params:
-        model=to_json(EXP.model),
+        model=model_json,
         eval=EVAL_JSON,
     threads: EXP.eval.threads
     resources:
         timing=1,
-        mem_mb=4000,
+        mem_mb=reference_mem_mb,
     shell:
         "python scripts/run_stage.py evaluate_reference --model {params.model:q} --model-dir {input.model:q}"
         " --windows-path {input.windows:q} --cfg {params.eval:q} --out-json {output.result:q}"
@@ -58,7 +58,7 @@ rule evaluate:
     threads: EXP.eval.threads
     resources:
         timing=1,
-        mem_mb=3000,
+        mem_mb=evaluate_mem_mb,
     shell:
         "python scripts/run_stage.py evaluate_variant --model {wildcards.model} --artifact-dir {input.artifact:q}"
         " --windows-path {input.windows:q} --reference-path {input.reference:q} --cfg {params.eval:q}"

@@ -2,7 +2,7 @@
 # matrix) computes it once per model from the calibration text; its data-aware schemes read it.
 rule prepare_calibration:
     input:
-        src=lambda wildcards: converted_model(wildcards.backend),
+        src=lambda wildcards: converted_model(wildcards.model, wildcards.backend),
         calib=CALIB_TEXT,
     output:
         directory(f"{OUT}/calibration/{{model}}/{{backend}}"),

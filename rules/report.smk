@@ -8,6 +8,7 @@ rule aggregate_results:
         report(f"{OUT}/report/kld_vs_size.png", category="Plots", caption="../report/kld_vs_size.rst"),
         report(f"{OUT}/report/ppl_vs_bpw.png", category="Plots", caption="../report/ppl_vs_bpw.rst"),
         report(f"{OUT}/report/speed_vs_size.png", category="Plots", caption="../report/speed_vs_size.rst"),
+        report(f"{OUT}/report/bpb_vs_size.png", category="Plots", caption="../report/bpb_vs_size.rst"),
     log:
         f"{LOGS}/aggregate_results.log",
     params:

@@ -53,8 +53,12 @@ def test_experiment_deltas_and_overrides_apply():
 @pytest.mark.parametrize(
     ("experiment", "overrides", "message"),
     [
-        ("nope", [], "unknown experiment 'nope'; known: bitnet-native, default, smoke"),
-        ("default", ["model=gpt5"], "unknown model 'gpt5'; known: bitnet-b1.58-2b-4t, smollm2-135m"),
+        ("nope", [], "unknown experiment 'nope'; known: bitnet-native, default, edge-formats, smoke"),
+        (
+            "default",
+            ["model=gpt5"],
+            "unknown model 'gpt5'; known: bitnet-b1.58-2b-4t, gemma-3-1b, gemma-3-270m",
+        ),
         ("default", ["eval=imagenet"], "unknown eval 'imagenet'"),
         ("default", ["sweep.llamacpp=[q4_k_m,q9_k]"], "unknown llamacpp scheme 'q9_k'; known: f16, iq1_m"),
         ("default", ["+sweep.onnx=[int8]"], "unknown backend 'onnx'; known: bitnet, llamacpp, mlx"),
@@ -225,7 +229,7 @@ def _bad_inputs(tmp_path, monkeypatch):
         ("malformed YAML", lambda: load_experiment(broken, "broken"), "cannot compose the configuration"),
         ("missing model files", lambda: check_paths(load_experiment(CONFIGS, "smoke", ["model.source.kind=local",
                                                                             f"+model.source.path={tmp_path}/none"])),
-         "model.source.path: " + str(tmp_path / "none") + " does not exist"),
+         "model smollm2-135m: source.path: " + str(tmp_path / "none") + " does not exist"),
         ("eval text too short", lambda: make_windows(list(range(100)), 512, 8),
          "eval text has 100 tokens: too short for one window of n_ctx=512"),
         ("non-writable output dir", lambda: check_before_run(smoke, tmp_path / "results" / "smoke"),

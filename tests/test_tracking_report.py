@@ -117,9 +117,12 @@ def test_a_failed_job_leaves_a_record_that_the_report_lists(tmp_path, results):
     record = failure_record_path(out)
     assert json.loads(record.read_text())["error"] == "ConfigError: no 2-D weights match layers ['x']"
 
-    expected = {(r.stem, r.stem): [r] for r in results}  # finished variants
-    expected["bitnet", "tq2_0"] = [out, tmp_path / "evaluated" / "tq2_0.json"]  # quantize failed
-    expected["bitnet", "int4"] = [tmp_path / "q" / "int4", tmp_path / "evaluated" / "int4.json"]  # never ran
+    expected = {("m", r.stem, r.stem): [r] for r in results}  # finished variants
+    expected["m", "bitnet", "tq2_0"] = [out, tmp_path / "evaluated" / "tq2_0.json"]  # quantize failed
+    expected["m", "bitnet", "int4"] = [
+        tmp_path / "q" / "int4",
+        tmp_path / "evaluated" / "int4.json",
+    ]  # never ran
     done, failed = variant_outcomes(expected)
     assert done == results
     assert [(f["scheme"], f["status"], f["stage"]) for f in failed] == [
@@ -127,7 +130,7 @@ def test_a_failed_job_leaves_a_record_that_the_report_lists(tmp_path, results):
     aggregate_results(done, tmp_path / "report", failed)
     md = (tmp_path / "report" / "results.md").read_text()
     assert "| llamacpp | q4_k_m | 4 |" in md and "## Failed variants (2)" in md
-    assert "| bitnet | tq2_0 | failed | quantize | ConfigError: no 2-D weights match layers ['x'] |" in md
+    assert "| m | bitnet | tq2_0 | failed | quantize | ConfigError: no 2-D weights match layers ['x'] |" in md
 
     run(quantize, ["--out", str(out)])  # a later success clears the record
     assert not record.exists()
@@ -407,6 +410,7 @@ def test_screenshot_of_the_compare_view_of_a_real_store(tmp_path, results, monke
     out = tmp_path / "report" / "mlflow_compare.png"
     shot = screenshot_mlflow(tmp_path / "sweep.json", out)
     assert shot["runs"] == ["reference/fp32", "llamacpp/q8_0"]  # the reference first
+    assert shot["axes"] == ["bpw", "tg_tok_s", "top1", "kld"]  # ppl_ratio: only the variant has one
     assert "#/compare-runs?runs=" in shot["url"]
     with Image.open(out) as image:
         assert image.format == "PNG" and image.size == WINDOW

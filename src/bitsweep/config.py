@@ -64,12 +64,32 @@ class SourceConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """One model of a sweep (``configs/model/<name>.yaml``).
+
+    ``architecture`` (Hugging Face ``model_type``), ``n_params`` and ``max_context`` are known before anything
+    is downloaded, so an unsupported (architecture, backend) cell, a window longer than the model's context and
+    a stage that cannot fit in memory are refused before any job runs. A local folder's are read from its
+    ``config.json`` and weights; a hub model's are declared in its YAML and checked against the download.
+    """
+
     name: str
     source: SourceConfig
     trust_remote_code: bool = False
+    architecture: str = "llama"
+    n_params: int | None = None  # every weight, embeddings included
+    max_context: int | None = None  # max_position_embeddings
+    vocab_size: int | None = None  # sizes the logits of each scored window
+    license: str | None = None
+    gated: bool = False  # the hub repo asks for an accepted license and a token (HF_TOKEN)
 
     def __post_init__(self) -> None:
         _check_name("model", self.name)
+        if self.source.kind == "local" and self.source.path:
+            from bitsweep.modelinfo import read_folder_facts
+
+            facts = read_folder_facts(Path(self.source.path).expanduser())
+            for key, value in facts.items():  # what the folder says wins over a default
+                object.__setattr__(self, key, value)
 
 
 @dataclass(frozen=True)
@@ -198,12 +218,14 @@ class SchemeConfig:
 @dataclass(frozen=True)
 class ExperimentConfig:
     name: str
-    model: ModelConfig
+    models: tuple[ModelConfig, ...]  # each gets its own windows and reference (its own tokenizer)
     eval: EvalConfig
     tracking: TrackingConfig
     backends: dict[str, BackendSettings]  # each backend's typed settings (bitsweep.backends.<name>.settings)
     schemes: dict[str, dict[str, SchemeConfig]]
     report: ReportConfig = field(default_factory=ReportConfig)
+    # "<model>/<backend>" cells not to run (e.g. an architecture a backend cannot run, in a multi-model sweep)
+    exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_name("experiment", self.name)
@@ -211,7 +233,41 @@ class ExperimentConfig:
             raise ConfigError(f"experiment {self.name!r} sweeps no scheme (set sweep.<backend>: [schemes])")
         if self.report.screenshot and not self.tracking.enabled:
             raise ConfigError("report.screenshot=true shows the sweep's MLflow runs: it needs tracking on")
+        names = [m.name for m in self.models]
+        if not names or len(set(names)) != len(names):
+            raise ConfigError(f"models must name at least one model, each once; got {names}")
+        for model in self.models:
+            if model.max_context is not None and self.eval.n_ctx > model.max_context:
+                raise ConfigError(f"eval.n_ctx={self.eval.n_ctx} is longer than model {model.name}'s context "
+                                  f"({model.max_context} tokens)")  # fmt: skip
+            for backend in self.backends_for(model.name):
+                reason = backend_info(backend).unsupported_architectures.get(model.architecture)
+                if reason:
+                    raise ConfigError(f"backend {backend} cannot run model {model.name} ({model.architecture}): "
+                                      f"{reason}. Leave it out: exclude: [{model.name}/{backend}]")  # fmt: skip
+        cells = {f"{m.name}/{b}" for m in self.models for b in self.swept_backends()}
+        stray = sorted(set(self.exclude) - cells)
+        if stray:
+            raise unknown("exclude cell (model/backend)", stray[0], sorted(cells))
         self.conversions()  # backends sharing a format must ask the same of its conversion
+
+    def backends_for(self, model: str) -> list[str]:
+        return [b for b in self.swept_backends() if f"{model}/{b}" not in self.exclude]
+
+    def variants_of(self, model: str) -> list[SchemeConfig]:
+        """The schemes swept on ``model`` (every variant of a backend not excluded for it)."""
+        return [s for b in self.backends_for(model) for s in self.schemes[b].values()]
+
+    def formats_of(self, model: str) -> list[str]:
+        """The converted formats ``model``'s variants read."""
+        return [name for name, (fmt, _) in self.conversions().items()
+                if any(backend_info(b).source_format.name == name for b in self.backends_for(model))]  # fmt: skip
+
+    def model(self, name: str) -> ModelConfig:
+        by_name = {m.name: m for m in self.models}
+        if name not in by_name:
+            raise unknown("model in this sweep", name, by_name)
+        return by_name[name]
 
     def swept_backends(self) -> list[str]:
         return [backend for backend, by_name in self.schemes.items() if by_name]
@@ -296,6 +352,15 @@ def load_experiment(
     for group in ("experiment", "model", "eval", "tracking"):
         _check_group_choice(config_dir, group, overrides, None)
     base = compose_dict(config_dir, overrides)
+    # `models: [a, b]` sweeps several configs/model/*.yaml; without it the one `model` group choice is swept.
+    names = base.pop("models", None)
+    if names is None:
+        base["models"] = [base.get("model")]
+    elif not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"models must be a list of model config names, got {names!r}")
+    else:
+        base["models"] = [_merge_option(config_dir, "model", name, None) for name in names]
+    base.pop("model", None)
     sweep = base.get("sweep") or {}
     if not isinstance(sweep, dict):
         raise ConfigError("sweep must map backend names to lists of scheme names")
@@ -336,7 +401,17 @@ def _merge_option(config_dir: Path, group: str, option: str, delta: dict | None)
 
 
 def experiment_from_dict(full: dict[str, Any]) -> ExperimentConfig:
-    unexpected = set(full) - {"name", "model", "eval", "tracking", "report", "sweep", "backends", "quant"}
+    unexpected = set(full) - {
+        "name",
+        "models",
+        "eval",
+        "tracking",
+        "report",
+        "sweep",
+        "backends",
+        "quant",
+        "exclude",
+    }
     if unexpected:
         raise ConfigError(f"unknown top-level config keys {sorted(unexpected)}")
     schemes: dict[str, dict[str, SchemeConfig]] = {}
@@ -349,7 +424,7 @@ def experiment_from_dict(full: dict[str, Any]) -> ExperimentConfig:
         }
     return ExperimentConfig(
         name=str(full.get("name", "")),
-        model=from_dict(ModelConfig, full.get("model"), "model"),
+        models=tuple(from_dict(ModelConfig, m, "model") for m in full.get("models") or []),
         eval=from_dict(EvalConfig, full.get("eval") or {}, "eval"),
         tracking=from_dict(TrackingConfig, full.get("tracking") or {}, "tracking"),
         report=from_dict(ReportConfig, full.get("report") or {}, "report"),
@@ -358,6 +433,7 @@ def experiment_from_dict(full: dict[str, Any]) -> ExperimentConfig:
             for name, data in (full.get("backends") or {}).items()
         },
         schemes=schemes,
+        exclude=tuple(full.get("exclude") or ()),
     )
 
 

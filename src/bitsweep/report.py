@@ -35,6 +35,23 @@ COLUMNS = [
     ("peak_rss_mb", "peak RSS MB", "{:.0f}"),
 ]
 
+# Across models only what does not depend on the tokenizer compares directly (bits per byte of the same text);
+# KLD and top-1 are each model's distance from its own reference.
+CROSS_MODEL_COLUMNS = [
+    ("backend", "backend", "{}"),
+    ("scheme", "scheme", "{}"),
+    ("model", "model", "{}"),
+    ("bpw", "bits/weight", "{:.2f}"),
+    ("size_mb", "size MB", "{:.1f}"),
+    ("bits_per_byte", "bits/byte", "{:.4f}"),
+    ("kld", "KLD to own reference [95% CI]", "ci"),
+    ("top1", "top-1 % [95% CI]", "ci%"),
+    ("tg_tok_s", "gen tok/s", "{:.1f}"),
+]
+CROSS_MODEL_NOTE = """Each model is scored on windows made by its own tokenizer: *bits/byte* (the negative log-likelihood of
+the same evaluation text per UTF-8 byte) compares models; perplexity, KLD and top-1 compare a model's variants with
+its own reference only."""
+
 HOW_TO_READ = """How to read this table. Every variant is scored on the same token windows (made once by the reference
 tokenizer) against one full-precision reference (torch fp32). Protocol: *ppl*, *KLD* and *top-1* score every
 position of every window (tokens 1..n-1 given their prefix); *ppl (llama.cpp)* scores the second half of each
@@ -55,7 +72,14 @@ def load_rows(paths: list[Path]) -> list[dict[str, Any]]:
         row = {k: data[k] for k in ("model", "backend", "scheme", "bits", "status")} | data["metrics"]
         row["per_window"] = data.get("per_window")
         rows.append(row)
-    return sorted(rows, key=lambda r: (r["backend"] != "reference", r["backend"], -r["bpw"], r["scheme"]))
+    return sorted(
+        rows, key=lambda r: (r["model"], r["backend"] != "reference", r["backend"], -r["bpw"], r["scheme"])
+    )
+
+
+def by_model(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Rows grouped by model (sorted): quality metrics compare variants of one model, never across models."""
+    return {m: [r for r in rows if r.get("model") == m] for m in sorted({r.get("model") for r in rows})}
 
 
 def neighbours(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -63,46 +87,59 @@ def neighbours(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     from bitsweep.stats import paired_difference
 
     out = []
-    for backend in sorted({r["backend"] for r in rows} - {"reference"}):
-        ladder = [r for r in rows if r["backend"] == backend and r.get("per_window") and "kld" in r]
-        for a, b in itertools.pairwise(ladder):
-            diff = paired_difference(b["per_window"]["all"], a["per_window"]["all"], "kld")
-            out.append({"backend": backend, "larger": a["scheme"], "smaller": b["scheme"], **diff})
+    for model, mine in by_model(rows).items():
+        for backend in sorted({r["backend"] for r in mine} - {"reference"}):
+            ladder = [r for r in mine if r["backend"] == backend and r.get("per_window") and "kld" in r]
+            for a, b in itertools.pairwise(ladder):
+                diff = paired_difference(b["per_window"]["all"], a["per_window"]["all"], "kld")
+                out.append(
+                    {
+                        "model": model,
+                        "backend": backend,
+                        "larger": a["scheme"],
+                        "smaller": b["scheme"],
+                        **diff,
+                    }
+                )
     return out
 
 
 def front_pairs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Adjacent variants on the Pareto front of KLD vs file size (any backend): is each step resolved?"""
+    """Adjacent variants on each model's Pareto front of KLD vs file size (any backend): is each step resolved?"""
     from bitsweep.stats import paired_difference
 
-    scored = [r for r in rows if r["backend"] != "reference" and r.get("per_window") and "kld" in r]
-    front = sorted((scored[i] for i in pareto_front([(r["size_mb"], r["kld"]) for r in scored])),
-                   key=lambda r: -r["size_mb"])  # fmt: skip
-    return [{"backend": "front", "larger": f"{a['backend']}/{a['scheme']}", "smaller": f"{b['backend']}/{b['scheme']}",
-             **paired_difference(b["per_window"]["all"], a["per_window"]["all"], "kld")}
-            for a, b in itertools.pairwise(front)]  # fmt: skip
+    out = []
+    for model, mine in by_model(rows).items():
+        scored = [r for r in mine if r["backend"] != "reference" and r.get("per_window") and "kld" in r]
+        front = sorted((scored[i] for i in pareto_front([(r["size_mb"], r["kld"]) for r in scored])),
+                       key=lambda r: -r["size_mb"])  # fmt: skip
+        out += [{"model": model, "backend": "front", "larger": f"{a['backend']}/{a['scheme']}",
+                 "smaller": f"{b['backend']}/{b['scheme']}",
+                 **paired_difference(b["per_window"]["all"], a["per_window"]["all"], "kld")}
+                for a, b in itertools.pairwise(front)]  # fmt: skip
+    return out
 
 
 def variant_outcomes(expected: dict[tuple[str, str], list[Path]]) -> tuple[list[Path], list[dict]]:
     """Split a sweep's variants into finished results and failures.
 
-    ``expected`` maps (backend, scheme) to the outputs of its jobs, the result JSON last. A failure record
+    ``expected`` maps (model, backend, scheme) to the outputs of its jobs, the result JSON last. A failure record
     beside any of them (``<output>.failed.json``, written when that job fails and removed when it next succeeds:
     bitsweep.cli.run) wins over an older result. A variant with neither did not run: a job it needs failed.
     """
     results, failed = [], []
-    for (backend, scheme), outputs in expected.items():
+    for (model, backend, scheme), outputs in expected.items():
         result = outputs[-1]
         records = [record for record in map(failure_record_path, outputs) if record.is_file()]
         if records:
             info = read_json(records[0])
-            failed.append({"backend": backend, "scheme": scheme, "status": "failed", "stage": info.get("stage"),
-                           "error": info.get("error")})  # fmt: skip
+            failed.append({"model": model, "backend": backend, "scheme": scheme, "status": "failed",
+                           "stage": info.get("stage"), "error": info.get("error")})  # fmt: skip
         elif result.is_file():
             results.append(result)
         else:
-            failed.append({"backend": backend, "scheme": scheme, "status": "not run", "stage": None,
-                           "error": "a job it depends on failed or was interrupted"})  # fmt: skip
+            failed.append({"model": model, "backend": backend, "scheme": scheme, "status": "not run",
+                           "stage": None, "error": "a job it depends on failed or was interrupted"})  # fmt: skip
     return results, failed
 
 
@@ -127,32 +164,37 @@ def write_tables(rows: list[dict[str, Any]], out_dir: Path) -> None:
         writer = csv.DictWriter(handle, fieldnames=keys)
         writer.writeheader()
         writer.writerows(flat)
-    lines = [HOW_TO_READ, "", "| " + " | ".join(c[1] for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for row in rows:
-        if row.get("status", "ok") != "ok":
-            continue
-        cells = [_cell(fmt, key, row) for key, _, fmt in COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
     ok = [r for r in rows if r.get("status", "ok") == "ok"]
+    models = sorted({r.get("model") for r in rows})
+    lines = [HOW_TO_READ]
+    for model, mine in by_model(ok).items():  # one table per model: its variants against its own reference
+        lines += ["", f"## {model}" if len(models) > 1 else "", *_table(COLUMNS, mine)]
     pairs = neighbours(ok) + front_pairs(ok)
     if pairs:
         lines += ["", "## Neighbours on each ladder and on the Pareto front (KLD of the smaller minus the larger)", "",
-                  "| backend | larger | smaller | ΔKLD nats [95% CI] | resolved | windows needed |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
+                  "| model | backend | larger | smaller | ΔKLD nats [95% CI] | resolved | windows needed |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
         for p in pairs:
-            lines.append(f"| {p['backend']} | {p['larger']} | {p['smaller']} | {_num(p['diff'])} "
+            lines.append(f"| {p['model']} | {p['backend']} | {p['larger']} | {p['smaller']} | {_num(p['diff'])} "
                          f"[{_num(p['lo'])}, {_num(p['hi'])}] | {'yes' if p['resolved'] else '**no**'} | "
                          f"{p['windows_needed'] if p['windows_needed'] is not None else '–'} |")  # fmt: skip
+    if len(models) > 1:
+        lines += ["", "## Models side by side (each format: size and quality of every model)", "", CROSS_MODEL_NOTE,
+                  "", *_table(CROSS_MODEL_COLUMNS, sorted(ok, key=lambda r: (r["backend"], r["scheme"], r["model"])))]  # fmt: skip
     failed = [r for r in rows if r.get("status", "ok") != "ok"]
     if failed:
-        lines += ["", f"## Failed variants ({len(failed)})", "", "| backend | scheme | status | stage | error |",
-                  "|---|---|---|---|---|"]  # fmt: skip
+        lines += ["", f"## Failed variants ({len(failed)})", "", "| model | backend | scheme | status | stage | error |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
         for row in failed:
             error = str(row.get("error") or "").replace("|", "\\|")
-            lines.append(
-                f"| {row['backend']} | {row['scheme']} | {row['status']} | {row.get('stage') or '–'} | {error} |"
-            )
+            lines.append(f"| {row.get('model') or '–'} | {row['backend']} | {row['scheme']} | {row['status']} | "
+                         f"{row.get('stage') or '–'} | {error} |")  # fmt: skip
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def _table(columns: list[tuple[str, str, str]], rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["| " + " | ".join(c[1] for c in columns) + " |", "|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join(_cell(fmt, key, row) for key, _, fmt in columns) + " |" for row in rows]
 
 
 def _num(value: float) -> str:
@@ -182,55 +224,79 @@ AXIS_LABELS = {
     "kld": "KL divergence to the reference (nats/token)",
     "ppl": "perplexity (all positions)",
     "tg_tok_s": "generation speed (tokens/s)",
+    "bits_per_byte": "bits per byte of the evaluation text (lower is better)",
 }
 MARKERS = "osD^vP*Xh<>p"
 
 
-def backend_styles(rows: list[dict[str, Any]]) -> dict[str, tuple[Any, str]]:
-    """One colour and marker per backend, the same in every plot of a sweep (sorted backend names)."""
+def styles_of(rows: list[dict[str, Any]], key: str) -> dict[str, tuple[Any, str]]:
+    """One colour and marker per value of ``key`` (backend, model), the same in every plot of a sweep."""
     import matplotlib
 
     colours = matplotlib.colormaps["tab10"].colors
-    names = sorted({r["backend"] for r in rows})
+    names = sorted({r[key] for r in rows})
     return {b: (colours[i % len(colours)], MARKERS[i % len(MARKERS)]) for i, b in enumerate(names)}
 
 
 def plot(
     rows: list[dict[str, Any]], x: str, y: str, path: Path, title: str, maximise_y: bool = False,
-    styles: dict[str, tuple[Any, str]] | None = None,
+    styles: dict[str, tuple[Any, str]] | None = None, colour_by: str = "backend",
 ) -> None:  # fmt: skip
     """Scatter of ``y`` against ``x`` on log axes with plain tick labels, 95% error bars where the results
-    carry ``<y>_lo``/``<y>_hi``, the reference as a star, and the Pareto front dashed."""
+    carry ``<y>_lo``/``<y>_hi``, references as stars, and each model's Pareto front dashed.
+
+    ``colour_by="backend"``: one colour and marker per backend (``styles``); ``"model"``: one colour per model
+    (its front in that colour) and one marker per backend, for plots that compare models."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    from matplotlib.lines import Line2D
 
-    styles = styles or backend_styles(rows)
+    styles = styles or styles_of(rows, "backend")
+    model_styles = styles_of(rows, "model") if rows else {}
     rows = [r for r in rows if r.get(x) is not None and r.get(y) is not None and r[y] > 0 and r[x] > 0]
-    points = [(r[x], -r[y] if maximise_y else r[y]) for r in rows]
-    front = set(pareto_front(points))
+    several = len({r["model"] for r in rows}) > 1
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
-    for backend in sorted({r["backend"] for r in rows}):
-        mine = [r for r in rows if r["backend"] == backend]
-        colour, marker = styles[backend]
-        marker = "*" if backend == "reference" else marker
+    for key in sorted({(r[colour_by], r["backend"]) for r in rows}):
+        mine = [r for r in rows if (r[colour_by], r["backend"]) == key]
+        colour = styles[key[0]][0] if colour_by == "backend" else model_styles[key[0]][0]
+        marker = "*" if key[1] == "reference" else styles[key[1]][1]
         ys = np.array([r[y] for r in mine])
         lo = np.array([r.get(f"{y}_lo", r[y]) for r in mine])
         hi = np.array([r.get(f"{y}_hi", r[y]) for r in mine])
         ax.errorbar([r[x] for r in mine], ys, yerr=[np.maximum(ys - lo, 0), np.maximum(hi - ys, 0)], fmt=marker,
-                    color=colour, ms=11 if backend == "reference" else 6, capsize=2, lw=0.8, label=backend,
-                    zorder=3)  # fmt: skip
+                    color=colour, ms=11 if key[1] == "reference" else 6, capsize=2, lw=0.8, zorder=3,
+                    label=key[0] if colour_by == "backend" else None)  # fmt: skip
     for row in rows:
-        ax.annotate(row["scheme"], (row[x], row[y]), textcoords="offset points", xytext=(4, 3), fontsize=7)
-    front_rows = sorted((rows[i] for i in front), key=lambda r: r[x])
-    ax.plot(
-        [r[x] for r in front_rows], [r[y] for r in front_rows], "k--", lw=1, label="Pareto front", zorder=2
-    )
+        label = f"{row['model']}:{row['scheme']}" if several and colour_by == "backend" else row["scheme"]
+        ax.annotate(label, (row[x], row[y]), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    for model, mine in by_model(rows).items():
+        front = sorted((mine[i] for i in pareto_front([(r[x], -r[y] if maximise_y else r[y]) for r in mine])),
+                       key=lambda r: r[x])  # fmt: skip
+        colour = model_styles[model][0] if colour_by == "model" else "k"
+        ax.plot([r[x] for r in front], [r[y] for r in front], "--", color=colour, lw=1, zorder=2,
+                label=f"{model} Pareto front" if several else "Pareto front")  # fmt: skip
+    if colour_by == "model":  # markers say the backend; the fronts' colours say the model
+        for backend in sorted({r["backend"] for r in rows}):
+            marker = "*" if backend == "reference" else styles[backend][1]
+            ax.add_line(Line2D([], [], ls="", marker=marker, color="grey", label=backend))
+    _plain_log_axes(ax, rows, x, y)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _plain_log_axes(ax, rows: list[dict[str, Any]], x: str, y: str) -> None:
+    """Log axes labelled 20, 50, 100 rather than 2x10^1, 5x10^1, 10^2, named with their units."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     ax.set_xscale("log")
     ax.set_yscale("log")
-    for axis, key in ((ax.xaxis, x), (ax.yaxis, y)):  # 20, 50, 100 rather than 2x10^1, 5x10^1, 10^2
+    for axis, key in ((ax.xaxis, x), (ax.yaxis, y)):
         values = [r[key] for r in rows]
         decades = np.log10(max(values) / min(values)) if values else 0
         subs = (1.0, 2.0, 3.0, 5.0) if decades < 2 else (1.0, 2.0, 5.0) if decades < 4 else (1.0,)
@@ -239,12 +305,6 @@ def plot(
         axis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(AXIS_LABELS.get(x, x))
     ax.set_ylabel(AXIS_LABELS.get(y, y))
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def aggregate_results(
@@ -255,10 +315,13 @@ def aggregate_results(
     rows = load_rows(results)
     write_tables(rows + list(failed), out_dir)
     variants = [r for r in rows if r["backend"] != "reference"]
-    styles = backend_styles(rows)
+    styles = styles_of(rows, "backend")
     plot(variants, "size_mb", "kld", out_dir / "kld_vs_size.png", "KL divergence to the reference by file size",
          styles=styles)  # fmt: skip
     plot(rows, "bpw", "ppl", out_dir / "ppl_vs_bpw.png", "Perplexity by bits per weight", styles=styles)
     plot(rows, "size_mb", "tg_tok_s", out_dir / "speed_vs_size.png", "Generation speed by file size", True,
          styles=styles)  # fmt: skip
+    plot(rows, "size_mb", "bits_per_byte", out_dir / "bpb_vs_size.png",
+         "Quality per byte across models: bits per byte of the evaluation text by file size", styles=styles,
+         colour_by="model")  # fmt: skip
     return rows

@@ -1,7 +1,10 @@
 """The MLflow UI's run comparison of one sweep as a PNG (``report/mlflow_compare.png``), by headless Chromium.
 
 The page is MLflow's compare-runs view of the sweep's child runs (one per variant, the reference first):
-parallel-coordinates plot, run details, parameters, metrics. An http(s) tracking URI is opened as it is; any
+parallel-coordinates plot, run details, parameters, metrics. The plot's axes are the quality metrics against
+bits/weight and speed (:data:`AXES`): the UI starts with three differing parameters and one metric, so bitsweep
+drives Chromium through the DevTools protocol (over ``--remote-debugging-pipe``: no port, no extra package) and
+sets the plot's selection with the panel's own handlers before it takes the picture. An http(s) tracking URI is opened as it is; any
 other store (sqlite, file, a database) is served by a temporary ``mlflow server`` on 127.0.0.1 that is stopped
 afterwards, on error too. The PNG is written only once Chromium's DOM shows every run and the image is not
 blank, so a failed render never looks like a finished output.
@@ -37,12 +40,32 @@ log = logging.getLogger(__name__)
 CHROMIUM_NAMES = ("chromium", "chromium-browser")
 INSTALL_HINT = "chromium not found: install it with `apt-get install chromium` (scripts/install.sh does so)"
 WINDOW = (1600, 2100)  # tall enough for the plots, run details, parameters and metrics sections
-# Virtual time runs ahead while the page is idle and waits while requests are pending, so a generous budget
-# costs little wall time; the wall-clock limit is the real bound.
-VIRTUAL_TIME_MS = 20_000
 # Chromium reaches the temporary server under this name (mapped to 127.0.0.1): on a localhost address
 # MLflow 3.17's UI opens its Assistant side panel on first load, over a fifth of the page.
 ALIAS = "bitsweep-mlflow"
+
+
+# The parallel-coordinates axes, left to right; the last one colours the lines (the UI's choice). Metrics a run
+# lacks (the reference has no KLD to itself) leave that run's line out of the plot only.
+AXES = ["bpw", "tg_tok_s", "top1", "ppl_ratio", "kld"]
+# Selects the parallel-coordinates axes through the React component's own handlers (the class component that
+# has handleParamsSelectChange / handleMetricsSelectChange, found by walking up the fibers of the plot's DOM).
+SELECT_AXES_JS = """(() => {
+  const metrics = %s;
+  const starts = [...document.querySelectorAll('.js-plotly-plot'), ...document.querySelectorAll('*')];
+  for (const el of starts) {
+    const key = Object.keys(el).find((k) => k.startsWith('__reactFiber$'));
+    for (let fiber = key && el[key]; fiber; fiber = fiber.return) {
+      const panel = fiber.stateNode;
+      if (panel && panel.handleMetricsSelectChange && panel.handleParamsSelectChange) {
+        panel.handleParamsSelectChange([]);
+        panel.handleMetricsSelectChange(metrics);
+        return true;
+      }
+    }
+  }
+  return false;
+})()"""
 
 
 def find_chromium() -> str | None:
@@ -63,6 +86,7 @@ def screenshot_mlflow(tracking: Path, out: Path, window: tuple[int, int] = WINDO
     if not info.get("enabled"):
         raise ScreenshotError(f"{tracking}: tracking was off for this sweep; there are no runs to show")
     runs = child_runs(info["uri"], info["experiment_id"], info["parent_run_id"])
+    axes = plotted_axes(info["uri"], list(runs))
     start = time.monotonic()
     with (
         mlflow_ui(info["uri"]) as (base, browser_args),
@@ -70,7 +94,15 @@ def screenshot_mlflow(tracking: Path, out: Path, window: tuple[int, int] = WINDO
     ):
         url = compare_url(base, list(runs), [info["experiment_id"]])
         png = Path(tmp) / "page.png"
-        dom = render(chromium, url, png, window, [*browser_args, f"--user-data-dir={Path(tmp) / 'profile'}"])
+        dom = render(
+            chromium,
+            url,
+            png,
+            window,
+            [*browser_args, f"--user-data-dir={Path(tmp) / 'profile'}"],
+            list(runs),
+            axes,
+        )
         check_page(dom, png, list(runs), window)
         out.parent.mkdir(parents=True, exist_ok=True)
         partial = out.with_name(out.name + ".tmp")
@@ -79,7 +111,7 @@ def screenshot_mlflow(tracking: Path, out: Path, window: tuple[int, int] = WINDO
     log.info(
         "MLflow compare view of %d runs -> %s in %.1f s: %s", len(runs), out, time.monotonic() - start, url
     )
-    return {"url": url, "runs": list(runs.values())}
+    return {"url": url, "runs": list(runs.values()), "axes": axes}
 
 
 def child_runs(uri: str, experiment_id: str, parent_run_id: str) -> dict[str, str]:
@@ -93,6 +125,15 @@ def child_runs(uri: str, experiment_id: str, parent_run_id: str) -> dict[str, st
         raise ScreenshotError(f"parent run {parent_run_id} at {uri} has no child runs to compare")
     found.sort(key=lambda r: (r.data.tags.get("bitsweep.backend") != "reference", r.info.run_name or ""))
     return {r.info.run_id: r.info.run_name or r.info.run_id for r in found}
+
+
+def plotted_axes(uri: str, run_ids: list[str]) -> list[str]:
+    """:data:`AXES` that at least two of the runs logged (a plot axis needs values to spread)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    logged = [set(client.get_run(run_id).data.metrics) for run_id in run_ids]
+    return [axis for axis in AXES if sum(axis in keys for keys in logged) >= 2]
 
 
 def compare_url(base: str, run_ids: list[str], experiment_ids: list[str]) -> str:
@@ -180,41 +221,125 @@ def _wait_healthy(server: subprocess.Popen, url: str, server_log: Path, timeout:
         time.sleep(0.3)
 
 
-def chromium_command(
-    chromium: str, url: str, png: Path, window: tuple[int, int], extra: list[str]
-) -> list[str]:
+def chromium_command(chromium: str, window: tuple[int, int], extra: list[str]) -> list[str]:
     # --no-sandbox: Chromium will not run as root with its sandbox; the page is our own local UI.
     # --enable-unsafe-swiftshader: software WebGL for the parallel-coordinates plot (the silent fallback is
-    # deprecated).
+    # deprecated). --remote-debugging-pipe: DevTools commands on fd 3, replies on fd 4.
     return [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--enable-unsafe-swiftshader",
             "--hide-scrollbars", "--no-first-run", "--no-default-browser-check", "--disable-extensions",
             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            f"--window-size={window[0]},{window[1]}", f"--virtual-time-budget={VIRTUAL_TIME_MS}",
-            f"--screenshot={png}", "--dump-dom", *extra, url]  # fmt: skip
+            f"--window-size={window[0]},{window[1]}", "--remote-debugging-pipe", *extra, "about:blank"]  # fmt: skip
+
+
+class DevTools:
+    """The Chrome DevTools Protocol over ``--remote-debugging-pipe``: JSON messages ended by a NUL byte, commands
+    written to the browser's fd 3, replies and events read from its fd 4."""
+
+    def __init__(self, command: list[str], log_path: Path) -> None:
+        commands_read, self._commands = os.pipe()
+        self._replies, replies_write = os.pipe()
+
+        def wire_fds() -> None:  # in the child, before exec: the pipe ends become its fds 3 and 4
+            os.dup2(commands_read, 3)
+            os.dup2(replies_write, 4)
+
+        self.log_path = log_path
+        with open(log_path, "wb") as log_file:  # a file, not a pipe: chromium's chatter must never block it
+            self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                                         start_new_session=True, close_fds=False, preexec_fn=wire_fds)  # fmt: skip
+        os.close(commands_read)
+        os.close(replies_write)
+        self._buffer, self._next_id = b"", 0
+
+    def send(
+        self, method: str, params: dict | None = None, session: str | None = None, timeout: float = 60
+    ) -> dict:
+        self._next_id += 1
+        message = {"id": self._next_id, "method": method, "params": params or {}}
+        if session:
+            message["sessionId"] = session
+        os.write(self._commands, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            for reply in self._messages(deadline, method):
+                if reply.get("id") == self._next_id:
+                    if "error" in reply:
+                        raise ScreenshotError(f"chromium: {method}: {reply['error'].get('message')}")
+                    return reply.get("result", {})
+
+    def _messages(self, deadline: float, method: str) -> list[dict]:
+        import select
+
+        ready, _, _ = select.select([self._replies], [], [], max(0.0, deadline - time.monotonic()))
+        chunk = os.read(self._replies, 1 << 20) if ready else b""
+        if not chunk:
+            raise ScreenshotError(f"chromium did not answer {method}" + ("" if ready else " in time"))
+        *complete, self._buffer = (self._buffer + chunk).split(b"\0")
+        return [json.loads(part) for part in complete if part]
+
+    def evaluate(self, expression: str, session: str) -> Any:
+        result = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True}, session)
+        return result.get("result", {}).get("value")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, ScreenshotError):
+            self.send("Browser.close", timeout=5)
+        for fd in (self._commands, self._replies):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        end_process_group(self.proc, grace=5)
 
 
 def render(
-    chromium: str, url: str, png: Path, window: tuple[int, int], extra: list[str], timeout: float = 180
-) -> str:
-    """Load ``url`` headless; write the screenshot to ``png`` and return the rendered DOM."""
-    command = chromium_command(chromium, url, png, window, extra)
-    proc = subprocess.Popen(
-        command,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
+    chromium: str, url: str, png: Path, window: tuple[int, int], extra: list[str], run_ids: list[str],
+    axes: list[str] = AXES, timeout: float = 180,
+) -> str:  # fmt: skip
+    """Load ``url`` headless, wait until every run is on the page, set the parallel-coordinates axes, write the
+    screenshot to ``png`` and return the rendered DOM."""
+    browser = DevTools(chromium_command(chromium, window, extra), png.with_suffix(".log"))
+    deadline = time.monotonic() + timeout
     try:
-        dom, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise ScreenshotError(f"chromium did not finish rendering {url} in {timeout:.0f} s") from None
+        target = browser.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+        session = browser.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        browser.send("Emulation.setDeviceMetricsOverride",
+                     {"width": window[0], "height": window[1], "deviceScaleFactor": 1, "mobile": False}, session)  # fmt: skip
+        browser.send("Page.navigate", {"url": url}, session)
+        dom = _wait_for(
+            browser,
+            session,
+            deadline,
+            lambda html: all(r in html for r in run_ids) and "js-plotly-plot" in html,
+        )
+        if not browser.evaluate(SELECT_AXES_JS % json.dumps(axes), session):
+            raise ScreenshotError("the MLflow UI has no parallel-coordinates panel to set the axes of")
+        # plotly draws each axis's name as SVG text once the new selection is rendered
+        dom = _wait_for(browser, session, deadline, lambda html: all(f">{axis}<" in html for axis in axes))
+        time.sleep(1.0)  # let plotly finish its transition before the picture
+        shot = browser.send("Page.captureScreenshot", {"format": "png"}, session)
+        dom = browser.evaluate("document.documentElement.outerHTML", session) or dom
+    except ScreenshotError as err:
+        lines = (
+            browser.log_path.read_text(errors="replace").strip().splitlines()
+            if browser.log_path.is_file()
+            else []
+        )
+        raise ScreenshotError(f"{err} (page {url})" + (f": {lines[-1]}" if lines else "")) from None
     finally:
-        end_process_group(proc, grace=5)
-    if proc.returncode != 0 or not png.is_file():
-        tail = " | ".join(err.decode(errors="replace").strip().splitlines()[-3:])
-        raise ScreenshotError(f"chromium failed on {url} (exit {proc.returncode}): {tail}")
-    return dom.decode(errors="replace")
+        browser.close()
+    import base64
+
+    png.write_bytes(base64.b64decode(shot["data"]))
+    return dom
+
+
+def _wait_for(browser: DevTools, session: str, deadline: float, ready) -> str:
+    while True:
+        html = browser.evaluate("document.documentElement.outerHTML", session) or ""
+        if ready(html):
+            return html
+        if time.monotonic() > deadline:
+            raise ScreenshotError("the MLflow UI did not finish rendering in time")
+        time.sleep(0.5)
 
 
 def check_page(dom: str, png: Path, run_ids: list[str], window: tuple[int, int]) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 from bitsweep.config import ModelConfig, SourceConfig
 from bitsweep.errors import SourceError
 from bitsweep.manifest import write_json, write_manifest
+from bitsweep.modelinfo import check_declared
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,8 @@ def prepare_model(model: ModelConfig, out: str | Path) -> dict[str, Any]:
     else:
         info = _from_local(source, out)
     _refuse_remote_code(model, out)
-    info = {"model": model.name, "kind": source.kind, **info}
+    facts = check_declared(model, out)
+    info = {"model": model.name, "kind": source.kind, **info, **facts, "license": model.license}
     write_json(out / SOURCE_JSON, info)
     write_manifest(out)
     return info

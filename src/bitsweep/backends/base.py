@@ -50,6 +50,17 @@ def load_object(path: str) -> Any:
 
 
 @dataclass(frozen=True)
+class Footprint:
+    """A stage's peak resident memory as ``base_mb + bytes_per_param × n_params`` (bitsweep.planning)."""
+
+    base_mb: float = 600
+    bytes_per_param: float = 16.0
+
+    def mb(self, n_params: int) -> float:
+        return self.base_mb + self.bytes_per_param * n_params / 2**20
+
+
+@dataclass(frozen=True)
 class FormatInfo:
     """A converted model format: the ``{format}`` wildcard, the folder ``converted/<model>/<name>``.
 
@@ -61,7 +72,7 @@ class FormatInfo:
     name: str
     converter: str | None = None
     runner: str | None = None
-    mem_mb: int = 4000
+    convert_footprint: Footprint = field(default_factory=Footprint)
 
 
 HF_FORMAT = FormatInfo("hf")
@@ -113,9 +124,14 @@ class BackendInfo:
     options: frozenset[str]  # every option a scheme of this backend may set
     group_sizes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # format -> group sizes it takes
     unavailable: dict[str, str] = field(default_factory=dict)  # option -> why this host cannot run it
+    # Hugging Face model_type -> why this backend cannot run it (the framework's own message): refused at config
+    # time. Measured on tiny models of each architecture (tests/test_architectures.py, bench/architectures.py).
+    unsupported_architectures: dict[str, str] = field(default_factory=dict)
     runner: str = "runner:Runner"  # relative to ``package`` unless it names a module with a dot
     calibration_step: bool = False  # computes its own calibration artifact (llama.cpp: an importance matrix)
     device_profiler: str | None = None  # "module:function"(artifact_dir, settings) -> record (AI Hub)
+    quantize_footprint: Footprint = field(default_factory=Footprint)  # peak memory of its quantizer
+    evaluate_footprint: Footprint = field(default_factory=Footprint)  # of its runner, before the logits
 
     @property
     def bits(self) -> frozenset[int]:

@@ -4,13 +4,16 @@
 
 from __future__ import annotations
 
-from bitsweep.backends.base import HF_FORMAT, BackendInfo, BackendSettings
+from bitsweep.backends.base import HF_FORMAT, BackendInfo, BackendSettings, Footprint
 
 # bitsweep's own packed formats (bitsweep.kernels.formats) and their bit class: the ternary layouts sit where
 # llama.cpp puts TQ2_0 (2) and TQ1_0 (1).
 BITNET_FORMATS: dict[str, int] = {"TQ2_0": 2, "TQ1_0": 1, "BINARY": 1, "INT2": 2, "INT3": 3, "INT4": 4}
 
 INFO = BackendInfo(
+    # peak memory (bitsweep.planning): the fp32 torch model is built before its linears are packed
+    quantize_footprint=Footprint(400, 8.0),
+    evaluate_footprint=Footprint(700, 8.0),
     name="bitnet",
     package=__name__,
     settings=BackendSettings,  # threads and mem_mb only

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from bitsweep.backends.base import BackendInfo, FormatInfo
+from bitsweep.backends.base import BackendInfo, Footprint, FormatInfo
 from bitsweep.backends.llamacpp.settings import Settings
 from bitsweep.errors import ConfigError, unknown
 
@@ -79,6 +79,8 @@ GGUF = FormatInfo(
     "gguf",
     converter="bitsweep.backends.llamacpp.convert:convert",
     runner="bitsweep.backends.llamacpp.runner:Runner",
+    # convert_hf_to_gguf loads tensors lazily and writes them one by one (f32 out)
+    convert_footprint=Footprint(500, 6.0),
 )
 
 
@@ -97,6 +99,9 @@ class LlamaCppInfo(BackendInfo):
 
 
 INFO = LlamaCppInfo(
+    # peak memory (bitsweep.planning): llama-quantize streams tensors from the mmapped f32 GGUF; the runner maps the quantized file
+    quantize_footprint=Footprint(300, 4.0),
+    evaluate_footprint=Footprint(700, 2.0),
     name="llamacpp",
     package=__name__,
     settings=Settings,

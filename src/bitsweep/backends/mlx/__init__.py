@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from bitsweep.backends.base import BackendInfo, FormatInfo
+from bitsweep.backends.base import BackendInfo, Footprint, FormatInfo
 from bitsweep.backends.mlx.settings import Settings
 from bitsweep.errors import unknown
 
@@ -64,6 +64,8 @@ MLX = FormatInfo(
     "mlx",
     converter="bitsweep.backends.mlx.convert:convert",
     runner="bitsweep.backends.mlx.runner:Runner",
+    # fp32 torch weights and their MLX arrays
+    convert_footprint=Footprint(700, 10.0),
 )
 
 
@@ -74,6 +76,9 @@ class MLXInfo(BackendInfo):
 
 
 INFO = MLXInfo(
+    # peak memory (bitsweep.planning): fp32 arrays and their quantized copy
+    quantize_footprint=Footprint(600, 8.0),
+    evaluate_footprint=Footprint(700, 6.0),
     name="mlx",
     package=__name__,
     settings=Settings,

@@ -4,7 +4,7 @@ scored on ONNX Runtime's CPU execution provider. Capability data only: nothing h
 
 from __future__ import annotations
 
-from bitsweep.backends.base import BackendInfo, BackendSettings
+from bitsweep.backends.base import BackendInfo, BackendSettings, Footprint
 from bitsweep.backends.onnx_family import ONNX
 
 # Olive passes, named by what they make. Olive runs its own graph optimisation first. Not offered: Olive 0.13's
@@ -14,6 +14,9 @@ from bitsweep.backends.onnx_family import ONNX
 OLIVE_FORMATS: dict[str, int] = {"NONE": 32, "DYNAMIC_INT8": 8, "RTN_INT8": 8, "RTN_INT4": 4}
 
 INFO = BackendInfo(
+    # peak memory (bitsweep.planning): an Olive workflow runs ORT's quantizers (peak 3.3 GB measured on SmolLM2-135M)
+    quantize_footprint=Footprint(700, 24.0),
+    evaluate_footprint=Footprint(700, 8.0),
     name="olive",
     package=__name__,
     settings=BackendSettings,  # threads and mem_mb only

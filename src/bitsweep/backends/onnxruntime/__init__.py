@@ -4,7 +4,7 @@ provider. Capability data only: nothing here imports onnxruntime.
 
 from __future__ import annotations
 
-from bitsweep.backends.base import BackendInfo
+from bitsweep.backends.base import BackendInfo, Footprint
 from bitsweep.backends.onnx_family import ONNX
 from bitsweep.backends.onnxruntime.settings import Settings
 
@@ -18,6 +18,9 @@ ORT_FORMATS: dict[str, int] = {
 
 
 INFO = BackendInfo(
+    # peak memory (bitsweep.planning): ORT's quantizers copy the fp32 protobuf several times (peak 3.1 GB measured on SmolLM2-135M)
+    quantize_footprint=Footprint(400, 24.0),
+    evaluate_footprint=Footprint(700, 8.0),
     name="onnxruntime",
     package=__name__,
     settings=Settings,

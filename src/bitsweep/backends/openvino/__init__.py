@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from bitsweep.backends.base import BackendInfo, FormatInfo
+from bitsweep.backends.base import BackendInfo, Footprint, FormatInfo
 from bitsweep.backends.openvino.settings import Settings
 
 # NNCF weight-compression modes (nncf.CompressWeightsMode names) and their bit class. "NONE": the fp32 IR
@@ -24,7 +24,8 @@ OPENVINO = FormatInfo(
     "openvino",
     converter="bitsweep.backends.openvino.convert:convert",
     runner="bitsweep.backends.openvino.runner:Runner",
-    mem_mb=6000,
+    # optimum-intel: the fp32 torch model plus the traced IR's constants
+    convert_footprint=Footprint(900, 10.0),
 )
 
 
@@ -35,6 +36,9 @@ class OpenVINOInfo(BackendInfo):
 
 
 INFO = OpenVINOInfo(
+    # peak memory (bitsweep.planning): NNCF holds the fp32 IR, its compressed copy and calibration statistics; compiled models keep the compressed weights
+    quantize_footprint=Footprint(900, 10.0),
+    evaluate_footprint=Footprint(900, 6.0),
     name="openvino",
     package=__name__,
     settings=Settings,

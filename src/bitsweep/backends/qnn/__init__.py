@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bitsweep.backends.base import BackendInfo
+from bitsweep.backends.base import BackendInfo, Footprint
 from bitsweep.backends.onnx_family import ONNX
 from bitsweep.backends.qnn.settings import Settings
 
@@ -28,6 +28,9 @@ class QnnInfo(BackendInfo):
 
 
 INFO = QnnInfo(
+    # peak memory (bitsweep.planning): plus calibration activations: backends.qnn.mem_mb (12 GB) is the floor
+    quantize_footprint=Footprint(400, 24.0),
+    evaluate_footprint=Footprint(700, 8.0),
     name="qnn",
     package=__name__,
     settings=Settings,
