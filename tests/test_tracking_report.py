@@ -419,3 +419,21 @@ def test_screenshot_of_the_compare_view_of_a_real_store(tmp_path, results, monke
         assert len(image.convert("RGB").getcolors(maxcolors=1 << 20)) > 50
     assert not list(tmp_path.glob("bitsweep-*")), "temporary folders left behind"
     assert not _processes_mentioning(str(tmp_path)), "an mlflow server or chromium process is still running"
+
+
+def test_the_report_says_where_the_time_went(tmp_path):
+    """Snakemake's benchmark files (its own TSV columns) summed per rule, the costliest first."""
+    from bitsweep.report import rule_times, time_section
+
+    header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+    for rel, seconds, rss in [("quantize/m/llamacpp/q8_0.tsv", 12.5, "900.1"), ("quantize/m/mlx/a4.tsv", 30.0, "NA"),
+                              ("evaluate/m/reference/fp32.tsv", 20.0, "1800.0")]:  # fmt: skip
+        path = tmp_path / "benchmarks" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(header + f"{seconds}\t0:00:{int(seconds):02d}\t{rss}\t1\t1\t1\t0\t0\t50\t1\n")
+    times = rule_times(tmp_path / "benchmarks")
+    assert [(t["rule"], t["jobs"], t["total_s"], t["max_s"], t["max_rss_mb"]) for t in times] == [
+        ("quantize", 2, 42.5, 30.0, 900.1), ("evaluate", 1, 20.0, 20.0, 1800.0)]  # fmt: skip
+    lines = time_section(times)
+    assert "| quantize | 2 | 0.7 | 68% | 30 | 900.1 |" in lines
+    assert rule_times(tmp_path / "nowhere") == [] and time_section([]) == []

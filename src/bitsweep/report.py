@@ -155,7 +155,38 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-def write_tables(rows: list[dict[str, Any]], out_dir: Path) -> None:
+def rule_times(bench_dir: Path) -> list[dict[str, Any]]:
+    """Where a sweep's time went, from Snakemake's benchmark files (``benchmarks/<rule>/...tsv``): per rule,
+    its jobs, their summed and longest wall time and the largest peak RSS, the costliest rule first."""
+    by_rule: dict[str, list[tuple[float, float]]] = {}
+    for tsv in sorted(bench_dir.rglob("*.tsv")) if bench_dir.is_dir() else []:
+        with open(tsv, newline="") as handle:
+            rows = list(csv.DictReader(handle, delimiter="\t"))
+        if rows:
+            rss = rows[-1].get("max_rss", "NA")
+            by_rule.setdefault(tsv.relative_to(bench_dir).parts[0], []).append(
+                (float(rows[-1]["s"]), float(rss) if rss not in ("NA", "-", "") else math.nan)
+            )
+    table = [{"rule": rule, "jobs": len(jobs), "total_s": sum(s for s, _ in jobs), "max_s": max(s for s, _ in jobs),
+              "max_rss_mb": max((r for _, r in jobs if not math.isnan(r)), default=math.nan)}
+             for rule, jobs in by_rule.items()]  # fmt: skip
+    return sorted(table, key=lambda r: -r["total_s"])
+
+
+def time_section(times: list[dict[str, Any]]) -> list[str]:
+    if not times:
+        return []
+    total = sum(t["total_s"] for t in times)
+    lines = ["", f"## Where the time went (Snakemake's benchmark files; {total / 60:.1f} min of job time in all)", "",
+             "Job time summed per rule; jobs that ran side by side overlap, so the sweep's wall time is shorter.", "",
+             "| rule | jobs | total min | share | longest job s | peak RSS MB |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for t in times:
+        lines.append(f"| {t['rule']} | {t['jobs']} | {t['total_s'] / 60:.1f} | {t['total_s'] / total:.0%} | "
+                     f"{t['max_s']:.0f} | {_num(t['max_rss_mb']) if not math.isnan(t['max_rss_mb']) else '–'} |")  # fmt: skip
+    return lines
+
+
+def write_tables(rows: list[dict[str, Any]], out_dir: Path, times: list[dict[str, Any]] = ()) -> None:
     flat = [{k: v for k, v in row.items() if k != "per_window"} for row in rows]
     keys = sorted(
         {k for row in flat for k in row}, key=lambda k: (([c[0] for c in COLUMNS] + [k]).index(k), k)
@@ -189,6 +220,7 @@ def write_tables(rows: list[dict[str, Any]], out_dir: Path) -> None:
             error = str(row.get("error") or "").replace("|", "\\|")
             lines.append(f"| {row.get('model') or '–'} | {row['backend']} | {row['scheme']} | {row['status']} | "
                          f"{row.get('stage') or '–'} | {error} |")  # fmt: skip
+    lines += time_section(list(times))
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")
 
 
@@ -313,7 +345,8 @@ def aggregate_results(
     """The report: finished variants in the tables and plots, ``failed`` ones listed with their error."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = load_rows(results)
-    write_tables(rows + list(failed), out_dir)
+    # the workflow keeps benchmarks beside the report: results/<experiment>/{benchmarks,report}
+    write_tables(rows + list(failed), out_dir, rule_times(out_dir.parent / "benchmarks"))
     variants = [r for r in rows if r["backend"] != "reference"]
     styles = styles_of(rows, "backend")
     plot(variants, "size_mb", "kld", out_dir / "kld_vs_size.png", "KL divergence to the reference by file size",
