@@ -102,6 +102,27 @@ def test_16_bit_reference_gives_the_full_vocabulary_kl():
     assert np.all(top <= ours + 1e-6) and top.mean() < ours.mean()  # the old top-k + tail: a lower bound
 
 
+@pytest.mark.parametrize("spread", [0.5, 4.0, 40.0])  # 40: most of each reference row falls below its range
+def test_fused_scoring_equals_the_numpy_formulas(spread):
+    """score_window (one numba pass per row) against log_softmax + kl_full + argmax written out in NumPy: equal
+    to rounding, including rows whose reference keeps only a few tokens and ties in the variant's maximum."""
+    from bitsweep.metrics import ReferenceRows, kl_full, nll_from_logp, score_window
+
+    ref = (RNG.normal(size=(65, 3000)) * spread).astype(np.float32)
+    var = (ref + RNG.normal(size=ref.shape) * 0.3).astype(np.float32)
+    var[5, [7, 9]] = var[5].max() + 1  # a tie: argmax takes the first
+    ids = RNG.integers(0, 3000, 65)
+    rows = ReferenceRows.from_logp(log_softmax(ref[:-1]))
+    nll, kl, hit = score_window(var, ids, rows)
+    logp = log_softmax(var[:-1])
+    assert np.allclose(nll, nll_from_logp(logp, ids), rtol=0, atol=1e-11)
+    assert np.allclose(kl, kl_full(rows, logp), rtol=1e-9, atol=1e-12)
+    assert np.array_equal(hit, var[:-1].argmax(-1) == rows.top1)
+    assert np.all(
+        score_window(ref, ids, rows)[1] < 1e-6
+    )  # the reference against itself: only the 16-bit rounding remains
+
+
 def test_top1_agreement_counts_disagreements():
     from bitsweep.metrics import ReferenceRows
 

@@ -22,7 +22,7 @@ from bitsweep.backends.base import Runner
 from bitsweep.config import EvalConfig
 from bitsweep.errors import ComparabilityError
 from bitsweep.manifest import read_json, write_json
-from bitsweep.metrics import QualityAccumulator, ReferenceRows
+from bitsweep.metrics import QualityAccumulator, ReferenceRows, set_scoring_threads
 from bitsweep.stats import intervals
 from bitsweep.text import Windows
 
@@ -138,6 +138,7 @@ def score(
             "reference logits were computed on other token windows; re-run the reference"
         )
     check_tokenizer(runner, windows)
+    set_scoring_threads(runner.threads)
     acc = QualityAccumulator()
     writer = None
     started = time.perf_counter()
