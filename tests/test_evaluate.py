@@ -109,3 +109,39 @@ def test_greedy_continuations_follow_the_reference_until_they_differ(tiny_model_
     other, _ = evaluate_runner(lambda: Shifted(tiny_model_dir, 2), windows, reference, cfg)
     # the first generated token comes from the prompt's logits; the third step's choice is forced away
     assert other["greedy_prefix_match"] == pytest.approx(3 / 8)
+
+
+@pytest.mark.parametrize(("protocol", "sizes"), [("bitsweep", (32, 8, 3)), ("llama-bench", (512, 128, 5))])
+def test_speed_carries_its_protocol_spread_and_the_machines_load(tiny_model_dir, tmp_path, protocol, sizes):
+    """Both speed protocols on the tiny model's torch runner: tokens/s with min/max/sd, the protocol, and the CPU
+    time other processes used while it was timed (a process this test keeps busy must show up)."""
+    import subprocess
+    import sys
+
+    from bitsweep.config import SpeedConfig
+    from bitsweep.evaluate import measure_speed
+
+    speed = SpeedConfig(prompt_tokens=sizes[0], gen_tokens=sizes[1], protocol=protocol)
+    assert (speed.prompt_tokens, speed.gen_tokens, speed.repeats) == sizes
+    path = tmp_path / "eval.txt"
+    path.write_text(pydoc_texts(0.25)[0][:20000])
+    windows = tokenize_windows(tiny_model_dir, path, 512, 1)
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        with TorchRunner(tiny_model_dir, 1) as runner:
+            out = measure_speed(runner, windows, EvalConfig(speed=speed))
+    finally:
+        busy.kill()
+    assert out["speed_protocol"] == protocol and out["tg_tok_s_min"] <= out["tg_tok_s"] <= out["tg_tok_s_max"]
+    assert out["pp_tok_s_sd"] >= 0 and out["tg_tok_s_sd"] >= 0
+    assert out["speed_other_cores"] > 0.5, out  # the busy loop had a core to itself
+    assert "busy machine" in out["speed_flag"] and "python" in out["speed_busy_processes"]
+
+
+def test_speed_flags_say_why_a_figure_is_not_clean():
+    from bitsweep.evaluate import speed_flag
+
+    assert speed_flag({"speed_other_cores": 0.05, "speed_spread": 0.03}) == ""
+    assert speed_flag({"speed_other_cores": 1.2, "speed_busy_processes": "pytest (1.20 cores)",
+                       "speed_spread": 0.3}) == ("busy machine: pytest (1.20 cores) used 1.20 cores while timed; "
+                                                 "repeats spread 30% (sd/mean)")  # fmt: skip

@@ -48,7 +48,9 @@ def test_quantized_files_hold_the_types_and_sizes_claimed(tiny_gguf, tmp_path):
     assert q4.meta["applied"]["bpw"] < q8.meta["applied"]["bpw"]
     assert q4.model_file.stat().st_size < q8.model_file.stat().st_size
     applied = Artifact.load(q8.path).meta["applied"]
-    assert gguf_summary(q8.model_file) == {k: v for k, v in applied.items() if k not in ("type", "nominal_bpw")}
+    assert gguf_summary(q8.model_file) == {
+        k: v for k, v in applied.items() if k not in ("type", "nominal_bpw")
+    }
     assert (applied["type"], applied["nominal_bpw"]) == ("Q8_0", 8.5)
 
 
@@ -71,3 +73,18 @@ def test_corrupt_gguf_is_a_clear_error(tmp_path):
     bad.write_bytes(b"GGUF" + b"\0" * 64)
     with pytest.raises(LlamaCppToolError, match="llama-quantize failed with exit code"):
         helpers.quantize("llamacpp", bad, "q8_0", 8, tmp_path / "out", threads=1, type="Q8_0")
+
+
+def test_timed_generation_runs_without_all_position_logits(tiny_gguf):
+    """generate() decodes in a second context on the same weights with llama.cpp's greedy sampler: it times a
+    prompt and new tokens and leaves the scoring context's logits untouched."""
+    with LlamaCppRunner(tiny_gguf.parent, 2, 128) as runner:
+        before = runner.logits(IDS)
+        prompt_s, gen_s = runner.generate(IDS[:32], 16)
+        assert prompt_s > 0 and gen_s > 0
+        assert runner.generate(IDS[:1], 0)[1] == pytest.approx(
+            0, abs=1e-3
+        )  # no new token: no generation time
+        np.testing.assert_array_equal(runner.logits(IDS), before)
+        with pytest.raises(Exception, match="n_ctx|longer"):
+            runner.generate(np.tile(IDS, 2)[:120], 16)  # 136 tokens do not fit in n_ctx=128

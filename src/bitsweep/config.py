@@ -114,11 +114,24 @@ class TextConfig:
 
 @dataclass(frozen=True)
 class SpeedConfig:
+    """How tokens/s are timed. ``protocol``: ``bitsweep`` (a prompt of ``prompt_tokens``, then ``gen_tokens``
+    generated after it, median of ``repeats``) or ``llama-bench`` (llama.cpp's llama-bench: pp512 from an empty
+    cache and tg128 from an empty cache, 5 repeats, mean ± sd; its sizes replace the three numbers here)."""
+
     prompt_tokens: int = 128
     gen_tokens: int = 32
     repeats: int = 3
+    protocol: str = "bitsweep"
+
+    PROTOCOLS: typing.ClassVar[tuple[str, ...]] = ("bitsweep", "llama-bench")
+    LLAMA_BENCH: typing.ClassVar[tuple[int, int, int]] = (512, 128, 5)  # -p 512 -n 128 -r 5
 
     def __post_init__(self) -> None:
+        if self.protocol not in self.PROTOCOLS:
+            raise unknown("eval.speed.protocol", self.protocol, self.PROTOCOLS)
+        if self.protocol == "llama-bench":
+            for key, value in zip(("prompt_tokens", "gen_tokens", "repeats"), self.LLAMA_BENCH, strict=True):
+                object.__setattr__(self, key, value)
         if self.repeats < 3:
             raise ConfigError(f"eval.speed.repeats must be >= 3 for a median and spread, got {self.repeats}")
 
@@ -156,8 +169,12 @@ class EvalConfig:
         for key in ("n_ctx", "n_windows", "threads"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"eval.{key} must be >= 1, got {getattr(self, key)}")
-        if self.speed.prompt_tokens + self.speed.gen_tokens > self.n_ctx:
-            raise ConfigError("eval.speed.prompt_tokens + gen_tokens must fit in eval.n_ctx")
+        # llama-bench's pp and tg each start from an empty cache; ours generates after the prompt
+        need = (max(self.speed.prompt_tokens, 1 + self.speed.gen_tokens) if self.speed.protocol == "llama-bench"
+                else self.speed.prompt_tokens + self.speed.gen_tokens)  # fmt: skip
+        if need > self.n_ctx:
+            raise ConfigError(f"eval.speed ({self.speed.protocol} protocol) needs {need} tokens of context, more "
+                              f"than eval.n_ctx={self.n_ctx}")  # fmt: skip
         if self.agreement.prompt_tokens + self.agreement.new_tokens > self.n_ctx:
             raise ConfigError("eval.agreement.prompt_tokens + new_tokens must fit in eval.n_ctx")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import resource
 import statistics
 import time
@@ -108,24 +109,84 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def measure_speed(runner: Runner, windows: Windows, cfg: EvalConfig) -> dict[str, float]:
-    """Prompt processing and greedy generation tokens/s: one warm-up, then ``repeats`` timed runs."""
-    prompt = windows.ids[0][: cfg.speed.prompt_tokens]
-    runner.generate(prompt, min(4, cfg.speed.gen_tokens))  # warm-up: caches, thread pools, lazy init
+# A speed figure is flagged when other processes kept this much of a core busy while it was timed, or when its
+# repeats spread wider than this (sd / mean): it is then no measure of the runtime alone.
+BUSY_CORES = 0.25
+WIDE_SPREAD = 0.10
+
+
+class MachineLoad:
+    """CPU time other processes used while a block ran (psutil: their user + system time before and after),
+    and the load average around it: what says whether a speed figure had the machine to itself."""
+
+    def __enter__(self) -> MachineLoad:
+        self.loadavg_before = os.getloadavg()[0]
+        self.before = self._cpu_times()
+        self.started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall = time.perf_counter() - self.started
+        after = self._cpu_times()
+        used = {key: after[key] - self.before[key] for key in after.keys() & self.before.keys()}
+        self.other_cores = sum(used.values()) / wall if wall > 0 else 0.0
+        self.busiest = [f"{name} ({seconds / wall:.2f} cores)" for (_, name), seconds in
+                        sorted(used.items(), key=lambda kv: -kv[1])[:3] if seconds / wall >= 0.05]  # fmt: skip
+        self.loadavg_after = os.getloadavg()[0]
+
+    @staticmethod
+    def _cpu_times() -> dict[tuple[int, str], float]:
+        import psutil
+
+        mine = os.getpid()
+        out = {}
+        for proc in psutil.process_iter(["pid", "name", "cpu_times"]):
+            times = proc.info["cpu_times"]
+            if proc.info["pid"] != mine and times is not None:
+                out[proc.info["pid"], proc.info["name"] or "?"] = times.user + times.system
+        return out
+
+    def record(self) -> dict[str, Any]:
+        return {"speed_other_cores": self.other_cores, "speed_busy_processes": ", ".join(self.busiest),
+                "speed_loadavg_before": self.loadavg_before, "speed_loadavg_after": self.loadavg_after}  # fmt: skip
+
+
+def measure_speed(runner: Runner, windows: Windows, cfg: EvalConfig) -> dict[str, Any]:
+    """Prompt processing and greedy generation tokens/s, one warm-up, then ``repeats`` timed runs, under the
+    configured protocol (:class:`bitsweep.config.SpeedConfig`), with their spread and the machine's load."""
+    speed = cfg.speed
+    prompt = windows.ids[0][: speed.prompt_tokens]
+    runner.generate(prompt[: min(len(prompt), 16)], min(4, speed.gen_tokens))  # warm-up: caches, thread pools
     pp, tg = [], []
-    for _ in range(cfg.speed.repeats):
-        prompt_s, gen_s = runner.generate(prompt, cfg.speed.gen_tokens)
-        pp.append(len(prompt) / prompt_s)
-        tg.append(cfg.speed.gen_tokens / gen_s)
-    return {
-        "pp_tok_s": statistics.median(pp),
-        "pp_tok_s_min": min(pp),
-        "pp_tok_s_max": max(pp),
-        "tg_tok_s": statistics.median(tg),
-        "tg_tok_s_min": min(tg),
-        "tg_tok_s_max": max(tg),
-        "threads": cfg.threads,
-    }
+    with MachineLoad() as load:
+        for _ in range(speed.repeats):
+            if speed.protocol == "llama-bench":  # pp512 and tg128, each from an empty cache
+                prompt_s, _ = runner.generate(prompt, 0)
+                _, gen_s = runner.generate(prompt[:1], speed.gen_tokens)
+            else:
+                prompt_s, gen_s = runner.generate(prompt, speed.gen_tokens)
+            pp.append(len(prompt) / prompt_s)
+            tg.append(speed.gen_tokens / gen_s)
+    centre = statistics.mean if speed.protocol == "llama-bench" else statistics.median
+    out: dict[str, Any] = {"threads": cfg.threads, "speed_protocol": speed.protocol}
+    for key, values in (("pp_tok_s", pp), ("tg_tok_s", tg)):
+        out |= {key: centre(values), f"{key}_min": min(values), f"{key}_max": max(values),
+                f"{key}_sd": statistics.stdev(values)}  # fmt: skip
+    spread = max(out["pp_tok_s_sd"] / out["pp_tok_s"], out["tg_tok_s_sd"] / out["tg_tok_s"])
+    out |= load.record() | {"speed_spread": spread}
+    out["speed_flag"] = speed_flag(out)
+    return out
+
+
+def speed_flag(metrics: dict[str, Any]) -> str:
+    """Why a speed figure is not a clean measurement ('' when it is)."""
+    reasons = []
+    if metrics.get("speed_other_cores", 0.0) >= BUSY_CORES:
+        busy = metrics.get("speed_busy_processes") or "other processes"
+        reasons.append(f"busy machine: {busy} used {metrics['speed_other_cores']:.2f} cores while timed")
+    if metrics.get("speed_spread", 0.0) > WIDE_SPREAD:
+        reasons.append(f"repeats spread {metrics['speed_spread']:.0%} (sd/mean)")
+    return "; ".join(reasons)
 
 
 def score(

@@ -30,8 +30,8 @@ COLUMNS = [
     ("ppl_llamacpp", "ppl (llama.cpp)", "num"),
     ("bits_per_byte", "bits/byte", "{:.4f}"),
     ("greedy_prefix_match", "greedy match %", "{:.0%}"),
-    ("pp_tok_s", "prompt tok/s", "{:.0f}"),
-    ("tg_tok_s", "gen tok/s", "{:.1f}"),
+    ("pp_tok_s", "prompt tok/s", "speed0"),
+    ("tg_tok_s", "gen tok/s", "speed1"),
     ("peak_rss_mb", "peak RSS MB", "{:.0f}"),
 ]
 
@@ -46,7 +46,7 @@ CROSS_MODEL_COLUMNS = [
     ("bits_per_byte", "bits/byte", "{:.4f}"),
     ("kld", "KLD to own reference [95% CI]", "ci"),
     ("top1", "top-1 % [95% CI]", "ci%"),
-    ("tg_tok_s", "gen tok/s", "{:.1f}"),
+    ("tg_tok_s", "gen tok/s", "speed1"),
 ]
 CROSS_MODEL_NOTE = """Each model is scored on windows made by its own tokenizer: *bits/byte* (the negative log-likelihood of
 the same evaluation text per UTF-8 byte) compares models; perplexity, KLD and top-1 compare a model's variants with
@@ -62,7 +62,9 @@ window are correlated, so whole windows are resampled; the ratio to the referenc
 sides). *greedy match* is how much of a greedy continuation of prompts cut from the evaluation text follows the
 reference's before the first different token. Two neighbours on a backend's ladder or on the Pareto front of KLD vs size are *resolved* when the interval of
 their paired KLD difference excludes 0;
-*windows needed* estimates how many windows would resolve a difference of that size."""
+*windows needed* estimates how many windows would resolve a difference of that size. *tok/s*: the median (llama-bench
+protocol: the mean) of the timed repeats ± their standard deviation; ⚠ marks a figure measured while other
+processes kept a quarter of a core or more busy, or whose repeats spread more than 10%."""
 
 
 def load_rows(paths: list[Path]) -> list[dict[str, Any]]:
@@ -220,6 +222,12 @@ def write_tables(rows: list[dict[str, Any]], out_dir: Path, times: list[dict[str
             error = str(row.get("error") or "").replace("|", "\\|")
             lines.append(f"| {row.get('model') or '–'} | {row['backend']} | {row['scheme']} | {row['status']} | "
                          f"{row.get('stage') or '–'} | {error} |")  # fmt: skip
+    flagged = [r for r in ok if r.get("speed_flag")]
+    if flagged:
+        lines += ["", f"## Speed figures not measured on a quiet machine ({len(flagged)}, marked ⚠)", "",
+                  "Compare their tokens/s with nothing: re-run them alone (`snakemake --forcerun evaluate ...`).", "",
+                  "| model | backend | scheme | why |", "|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {r['model']} | {r['backend']} | {r['scheme']} | {r['speed_flag']} |" for r in flagged]
     lines += time_section(list(times))
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")
 
@@ -242,6 +250,11 @@ def _cell(fmt: str, key: str, row: dict[str, Any]) -> str:
         return "–"
     if fmt == "num":
         return _num(value)
+    if fmt.startswith("speed"):  # ± sd, and a mark when the figure was not measured on a quiet machine
+        text = f"{value:.{fmt[-1]}f}"
+        if row.get(f"{key}_sd") is not None:
+            text += f" ± {row[f'{key}_sd']:.{fmt[-1]}f}"
+        return text + (" ⚠" if row.get("speed_flag") else "")
     if fmt in ("ci", "ci%"):
         scale, unit = (100, "") if fmt == "ci%" else (1, "")
         text = _num(scale * value) + unit

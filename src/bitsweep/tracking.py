@@ -222,6 +222,8 @@ def log_variant(
         "host.cpu": cpu_name(),
         "host.python": platform.python_version(),
         **{f"version.{k}": str(v) for k, v in versions.items()},
+        # how the speed was measured and, when it is not clean, why (bitsweep.evaluate.speed_flag)
+        **{f"bitsweep.{k}": str(v)[:5000] for k, v in data["metrics"].items() if isinstance(v, str) and v},
     }
     run = client.create_run(info["experiment_id"], run_name=variant, tags=tags)
     run_id = run.info.run_id
