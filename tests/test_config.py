@@ -131,10 +131,11 @@ def test_bad_input_fails_with_one_clear_message(experiment, overrides, message):
 
 
 def test_a_partial_nested_setting_keeps_the_backends_own_defaults():
-    """qnn's calibration default (512 tokens) is not the Calibration class's (256): overriding n_samples alone,
-    as the smoke experiment does, must keep qnn's n_ctx."""
+    """qnn's calibration default (512 tokens) is not the Calibration class's (256): overriding n_samples alone
+    must keep qnn's n_ctx."""
+    alone = load_experiment(CONFIGS, "default", ["+backends.qnn.calibration.n_samples=2"])
+    assert (alone.backends["qnn"].calibration.n_ctx, alone.backends["qnn"].calibration.n_samples) == (512, 2)
     smoke = load_experiment(CONFIGS, "smoke")
-    assert (smoke.backends["qnn"].calibration.n_ctx, smoke.backends["qnn"].calibration.n_samples) == (512, 2)
     assert smoke.backends["onnxruntime"].calibration.n_ctx == 128
     assert smoke.backends["openvino"].calibration == type(smoke.backends["openvino"].calibration)(256, 16)
 

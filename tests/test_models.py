@@ -37,7 +37,7 @@ def no_hub_token(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", HUB_MODELS)
 def test_every_family_config_declares_what_planning_needs(name):
-    exp = load_experiment(CONFIGS, "smoke", [f"model={name}", "sweep={llamacpp: [q8_0]}", "eval.tasks=[]"])
+    exp = load_experiment(CONFIGS, "bitnet-native", [f"model={name}"])  # bitsweep's kernels run every family
     (model,) = exp.models
     assert model.source.kind == "hf" and model.license
     assert model.n_params > 1e8 and model.max_context >= 4096 and model.vocab_size > 30000
@@ -83,6 +83,12 @@ def test_a_gated_model_without_a_token_stops_a_run_and_is_reported_by_a_dry_run(
     assert not any(
         "gated" in n for n in check_before_run(exp, tmp_path / "results", models_dir=tmp_path / "models")
     )
+
+
+def test_an_architecture_a_backend_cannot_run_is_refused_with_the_frameworks_reason():
+    with pytest.raises(ConfigError, match="backend llamacpp cannot run model bitnet-b1.58-2b-4t \\(bitnet\\): .*"
+                                          "Leave it out: exclude: \\[bitnet-b1.58-2b-4t/llamacpp\\]"):  # fmt: skip
+        load_experiment(CONFIGS, "smoke", ["model=bitnet-b1.58-2b-4t", "sweep={llamacpp: [q8_0]}"])
 
 
 def test_memory_plan_scales_with_parameters_and_refuses_what_cannot_fit(tmp_path):

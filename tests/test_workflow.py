@@ -551,3 +551,58 @@ def test_llamacpp_protocol_equals_llama_perplexity_and_its_kl_divergence(sweep, 
     assert ours["kld_llamacpp"] == pytest.approx(theirs["kld"], rel=0.01), (ours, theirs)
     assert ours["top1_llamacpp"] == pytest.approx(theirs["same_top_pct"] / 100, abs=0.01)
     assert ours["ppl"] != ours["ppl_llamacpp"]  # the two protocols score different positions
+
+
+def linked_copy(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
+    """``src`` as hard links under ``dst`` (the smoke sweep's artifacts reused at no cost; a job that re-makes
+    one replaces the link, never the original)."""
+    shutil.copytree(src, dst, copy_function=os.link, ignore=lambda _, names: [n for n in names if n in skip],
+                    dirs_exist_ok=True)  # fmt: skip
+
+
+def test_two_models_each_with_its_own_tokenizer_windows_and_reference(sweep, tmp_path):
+    """SmolLM2 and a tiny Gemma 3 (its own SentencePiece tokenizer) in one sweep: per-model windows and
+    references, one table per model plus the side-by-side one, the cross-model plot, MLflow runs filterable by
+    model. SmolLM2's finished work is reused from the smoke sweep: none of it runs again."""
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+
+    from bitsweep.archs import make_tiny_model
+
+    complete(sweep)
+    workdir = tmp_path / "two-models"
+    for name in [*WORKFLOW_FILES, ".snakemake"]:  # Snakemake's metadata copied: it is rewritten in place
+        if (sweep / name).is_dir():
+            shutil.copytree(sweep / name, workdir / name)
+        else:
+            shutil.copy2(sweep / name, workdir / name)
+    linked_copy(sweep / "data", workdir / "data")
+    linked_copy(sweep / "results", workdir / "results", skip=("tracking", "report"))
+    gemma = make_tiny_model("gemma3_text", tmp_path / "tiny-gemma3")
+    (workdir / "configs/model/tiny-gemma3.yaml").write_text(
+        f"name: tiny-gemma3\nsource:\n  kind: local\n  path: {gemma}\nlicense: random weights\n"
+    )
+    overrides = ["models=[smollm2-135m,tiny-gemma3]", "sweep.llamacpp=[q8_0]", "sweep.bitnet=[int4_g64]",
+                 *(f"sweep.{b}=[]" for b in SWEPT if b not in ("llamacpp", "bitnet"))]  # fmt: skip
+    proc = snakemake(workdir, "--cores", "2", config=(f"overrides={json.dumps(overrides)}",))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    jobs = job_counts(proc.stdout + proc.stderr)
+    # only the new model's work (and MLflow/report for all): SmolLM2's windows, reference and variants are reused
+    assert jobs["tokenize_eval"] == jobs["evaluate_reference"] == "1" and jobs["evaluate"] == "2", jobs
+
+    out = workdir / "results/smoke"
+    smol, tiny = (np.load(out / f"windows/{m}.npz")["ids"] for m in ("smollm2-135m", "tiny-gemma3"))
+    assert tiny.max() < 2048 < smol.max(), "each model's windows are made by its own tokenizer"
+    assert (out / "reference/tiny-gemma3/logprobs.npy").is_file()
+    md = (out / "report/results.md").read_text()
+    assert "## smollm2-135m" in md and "## tiny-gemma3" in md and "## Models side by side" in md
+    assert "| llamacpp | q8_0 | tiny-gemma3 |" in md
+    assert (out / "report/bpb_vs_size.png").stat().st_size > 10_000
+    for model, n_runs in (("smollm2-135m", 3), ("tiny-gemma3", 3)):
+        result = json.loads((out / f"evaluated/{model}/llamacpp/q8_0.json").read_text())
+        assert result["model"] == model and 0 < result["metrics"]["kld"] < 0.05
+        info = json.loads((out / "tracking/sweep.json").read_text())
+        runs = MlflowClient(info["uri"]).search_runs(
+            [info["experiment_id"]], f"tags.`bitsweep.model` = '{model}'"
+        )
+        assert len(runs) == n_runs, (model, [r.info.run_name for r in runs])

@@ -1,7 +1,7 @@
 """Quantize: the reference safetensors are read as NumPy arrays; every 2-D weight whose module name ends in one of
-``layers`` (default: the seven projections of each decoder block) is packed with bitsweep.kernels.formats
-(ternary TQ2_0/TQ1_0 layouts with BitNet's absmean scale by default, binary, int2/3/4); everything else
-(embeddings, norms, a separate lm_head) stays as it is (``keep_dtype``). One ``model.safetensors`` holds both,
+``layers`` (default: the projections of each decoder block, separate or fused) is packed with
+bitsweep.kernels.formats (ternary TQ2_0/TQ1_0 layouts with BitNet's absmean scale by default, binary,
+int2/3/4); everything else (embeddings, norms, a separate lm_head) stays as it is (``keep_dtype``). One ``model.safetensors`` holds both,
 so its size is the variant's size. Post-training ternarisation of a model that was not trained ternary scores
 badly: that is the finding, not a bug. A natively ternary checkpoint (BitNet b1.58 from the hub) packs without
 loss.
@@ -22,7 +22,10 @@ from bitsweep.errors import ConfigError, unknown
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The projections of a decoder block, separate (Llama, Qwen3, Gemma 3, BitNet) or fused (Phi-3/Phi-4-mini: qkv_proj,
+# gate_up_proj; without those two a Phi model kept 5/7 of its block weights in float16, silently).
+DEFAULT_LAYERS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj",
+                  "down_proj")  # fmt: skip
 PACKED_JSON = "packed.json"
 MODEL_FILE = "model.safetensors"
 

@@ -61,13 +61,19 @@ def packed_linear_class():
 
 
 def build_model(path: Path, act: str | None = None):
-    """The transformers model of a bitnet artifact, its packed Linear layers replaced by PackedLinear."""
+    """The transformers model of a bitnet artifact, its packed Linear layers replaced by PackedLinear.
+
+    The model is built with its parameters on the meta device (the artifact supplies them) and its buffers on
+    the CPU, computed by the architecture's own code: RoPE frequencies (Gemma 3: two rotary modules, one with
+    the local base) and Gemma's ``embed_scale`` are not in the weights.
+    """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.integrations.accelerate import init_empty_weights
 
     packed, kept, info = load_packed(path)
     config = AutoConfig.from_pretrained(path)
-    with torch.device("meta"):
+    with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     PackedLinear = packed_linear_class()
     for module, pm in packed.items():
@@ -77,31 +83,15 @@ def build_model(path: Path, act: str | None = None):
         linear = PackedLinear(pm, None if bias is None else torch.from_numpy(bias), act or info["act"])
         setattr(parent, child, linear)
     state = {name: torch.from_numpy(array.astype(np.float32)) for name, array in kept.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    _, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if unexpected:
         raise ConfigError(f"{path}: tensors the architecture does not have: {unexpected[:5]}")
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-        missing = [m for m in missing if m != "lm_head.weight"]
-    for name, buffer in list(model.named_buffers()):
-        if buffer.is_meta:  # non-persistent buffers (rotary inv_freq): rebuilt on the CPU below
-            missing.append(name)
-    if any(not name.endswith("inv_freq") for name in missing):
+    missing = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
+    if missing:
         raise ConfigError(f"{path}: weights missing from the artifact: {missing[:5]}")
-    _rebuild_rotary(model, config)
     return model.eval(), info
-
-
-def _rebuild_rotary(model, config) -> None:
-    """Rotary embeddings keep ``inv_freq`` as a non-persistent buffer: recreate those modules on the CPU."""
-    import torch
-
-    for name, module in list(model.named_modules()):
-        if any(b.is_meta for b in module.buffers(recurse=False)):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            with torch.device("cpu"):
-                setattr(parent, child, type(module)(config=config))
 
 
 class Runner(TorchRunner):

@@ -110,4 +110,10 @@ INFO = LlamaCppInfo(
     type_bits={t.name: t.bits for t in LLAMACPP_TYPES.values()},
     options=frozenset({"type", "imatrix", "pure", "extra_args"}),
     calibration_step=True,  # llama-imatrix on the calibration text, once for every scheme that wants it
+    unsupported_architectures={
+        "bitnet": "llama.cpp's convert_hf_to_gguf.py (llama-cpp-python 0.3.36) knows BitNet's sub-layer norms "
+        "only by 1bitLLM's names (inner_attn_ln, ffn_layernorm), not by transformers' (attn_sub_norm, ffn_sub_norm): "
+        "\"ValueError: Can not map tensor 'model.layers.0.mlp.ffn_sub_norm.weight'\"; past that, it reads a BitNet "
+        "vocabulary only from a SentencePiece tokenizer.model (BitNet b1.58 2B4T ships a byte-level BPE)",
+    },
 )

@@ -88,4 +88,10 @@ INFO = MLXInfo(
     options=frozenset({"mode", "group_size", *MLX_GPU_ONLY}),
     group_sizes={m.name: m.group_sizes for m in MLX_MODES.values()},
     unavailable=MLX_GPU_ONLY,
+    unsupported_architectures={
+        "bitnet": "mlx-lm 0.29.1's bitnet model loads only packed ternary checkpoints (uint8 weight + weight_scale, "
+        "as microsoft/bitnet-b1.58-2B-4T ships them), not BitNetForCausalLM's float weights (the -bf16 "
+        'checkpoint): "ValueError: Missing 14 parameters: model.layers.0.mlp.down_proj.weight_scale, ..." '
+        "(on a 2-layer model)",
+    },
 )

@@ -5,7 +5,7 @@ scored on ONNX Runtime's CPU execution provider. Capability data only: nothing h
 from __future__ import annotations
 
 from bitsweep.backends.base import BackendInfo, BackendSettings, Footprint
-from bitsweep.backends.onnx_family import ONNX
+from bitsweep.backends.onnx_family import ONNX, ONNX_UNSUPPORTED
 
 # Olive passes, named by what they make. Olive runs its own graph optimisation first. Not offered: Olive 0.13's
 # OnnxHqqQuantization, whose output on our export keeps every float weight beside the 4-bit ones (702 MB) and
@@ -25,4 +25,5 @@ INFO = BackendInfo(
     type_bits=OLIVE_FORMATS,
     options=frozenset({"format", "block_size", "symmetric", "per_channel"}),
     runner="bitsweep.backends.onnx_family:OnnxRunner",
+    unsupported_architectures=ONNX_UNSUPPORTED,
 )

@@ -5,7 +5,7 @@ provider. Capability data only: nothing here imports onnxruntime.
 from __future__ import annotations
 
 from bitsweep.backends.base import BackendInfo, Footprint
-from bitsweep.backends.onnx_family import ONNX
+from bitsweep.backends.onnx_family import ONNX, ONNX_UNSUPPORTED
 from bitsweep.backends.onnxruntime.settings import Settings
 
 # ONNX Runtime's quantizers and their bit class. NONE: the fp32 export as is (ONNX Runtime's own full-precision
@@ -43,4 +43,5 @@ INFO = BackendInfo(
         }
     ),
     runner="bitsweep.backends.onnx_family:OnnxRunner",
+    unsupported_architectures=ONNX_UNSUPPORTED,
 )

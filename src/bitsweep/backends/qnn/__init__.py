@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bitsweep.backends.base import BackendInfo, Footprint
-from bitsweep.backends.onnx_family import ONNX
+from bitsweep.backends.onnx_family import ONNX, ONNX_UNSUPPORTED
 from bitsweep.backends.qnn.settings import Settings
 
 # Weight x activation bits of onnxruntime's QNN QDQ configurations. The bit class is the weights'; 16-bit
@@ -39,5 +39,6 @@ INFO = QnnInfo(
     type_bits=QNN_FORMATS,
     options=frozenset({"format", "per_channel", "calibrate_method", "keep_float", "dataset"}),
     runner="bitsweep.backends.onnx_family:OnnxRunner",
+    unsupported_architectures=ONNX_UNSUPPORTED,
     device_profiler="bitsweep.backends.qnn.aihub:profile_on_aihub",
 )
