@@ -571,6 +571,7 @@ def test_two_models_each_with_its_own_tokenizer_windows_and_reference(sweep, tmp
 
     complete(sweep)
     workdir = tmp_path / "two-models"
+    workdir.mkdir()
     for name in [*WORKFLOW_FILES, ".snakemake"]:  # Snakemake's metadata copied: it is rewritten in place
         if (sweep / name).is_dir():
             shutil.copytree(sweep / name, workdir / name)

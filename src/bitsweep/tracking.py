@@ -207,9 +207,11 @@ def log_variant(
     data = read_json(result)
     variant = f"{data['backend']}/{data['scheme']}"
     client = _client(info["uri"])
+    # a re-logged variant replaces its earlier run; the same scheme of another model of the sweep is another run
     for old in client.search_runs(
         [info["experiment_id"]],
-        filter_string=f"tags.mlflow.parentRunId = '{info['parent_run_id']}' and tags.`bitsweep.variant` = '{variant}'",
+        filter_string=f"tags.mlflow.parentRunId = '{info['parent_run_id']}' and tags.`bitsweep.variant` = '{variant}'"
+        f" and tags.`bitsweep.model` = '{data['model']}'",
     ):
         client.delete_run(old.info.run_id)
     versions = data.get("artifact", {}).get("versions", {})

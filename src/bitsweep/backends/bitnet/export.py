@@ -40,6 +40,7 @@ def export_gguf(artifact_dir: Path, f32_gguf: Path, out: Path) -> dict[str, Any]
     """
     import gguf
 
+    from bitsweep.backends.llamacpp.convert import copy_metadata
     from bitsweep.kernels.formats import GGUF_TYPE_NAMES, dequantize, quantize
 
     packed, _, info = load_packed(artifact_dir)
@@ -59,12 +60,7 @@ def export_gguf(artifact_dir: Path, f32_gguf: Path, out: Path) -> dict[str, Any]
         by_gguf[f"{target}.weight"] = (module, pm)
 
     writer = gguf.GGUFWriter(str(out), arch=arch)
-    for field in reader.fields.values():
-        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
-            continue
-        val_type = field.types[0]
-        sub_type = field.types[-1] if val_type == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), val_type, sub_type=sub_type)
+    copy_metadata(reader, writer)
     stats = {"tq_tensors": 0, "f32_tensors": 0, "copied_tensors": 0}
     payloads = []
     for tensor in reader.tensors:

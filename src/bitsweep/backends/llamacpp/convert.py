@@ -85,12 +85,7 @@ def correct_gguf(src: Path, config: dict[str, Any], out: Path) -> list[str]:
     if not done:
         return []
     writer = gguf.GGUFWriter(str(out), arch=arch)
-    for field in reader.fields.values():
-        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
-            continue
-        kind = field.types[0]
-        sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), kind, sub_type=sub)
+    copy_metadata(reader, writer)
     if pattern:
         writer.add_sliding_window_pattern(pattern)
     tensors = [(t, _scaled(t, factor)) for t in reader.tensors]
@@ -103,6 +98,19 @@ def correct_gguf(src: Path, config: dict[str, Any], out: Path) -> list[str]:
         writer.write_tensor_data(data, tensor_endianess=reader.endianess)
     writer.close()
     return done
+
+
+def copy_metadata(reader, writer) -> None:
+    """Every key/value of a GGUFReader into a GGUFWriter made for the same architecture (which writes the
+    architecture and the file's own GGUF.* fields itself)."""
+    import gguf
+
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue
+        kind = field.types[0]
+        sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), kind, sub_type=sub)
 
 
 def _scaled(tensor, factor: float) -> np.ndarray:
