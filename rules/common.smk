@@ -16,7 +16,7 @@ from bitsweep.backends import backend_info
 from bitsweep.backends.base import output_settings
 from bitsweep.config import load_experiment
 from bitsweep.errors import BitsweepError
-from bitsweep.planning import stage_mb
+from bitsweep.planning import memory_plan, stage_mb
 from bitsweep.preflight import check_before_run
 from bitsweep.typed import to_json
 
@@ -39,6 +39,7 @@ except BitsweepError as err:
     raise WorkflowError(f"bitsweep: {err}") from None
 
 MODELS = {m.name: m for m in EXP.models}  # each with its own windows, reference and variants
+MEMORY_PLAN = memory_plan(EXP)  # model -> stage -> estimated peak MB: each job's mem_mb
 OUT = f"results/{EXP.name}"
 LOGS = f"{OUT}/logs"
 BENCH = f"{OUT}/benchmarks"
@@ -125,19 +126,19 @@ def convert_options(wildcards):
 
 
 def convert_mem_mb(wildcards):
-    return stage_mb(EXP, wildcards.model, f"convert:{wildcards.format}")
+    return stage_mb(MEMORY_PLAN, wildcards.model, f"convert:{wildcards.format}")
 
 
 def check_mem_mb(wildcards):
-    return stage_mb(EXP, wildcards.model, f"check:{wildcards.format}")
+    return stage_mb(MEMORY_PLAN, wildcards.model, f"check:{wildcards.format}")
 
 
 def reference_mem_mb(wildcards):
-    return stage_mb(EXP, wildcards.model, "reference")
+    return stage_mb(MEMORY_PLAN, wildcards.model, "reference")
 
 
 def evaluate_mem_mb(wildcards):
-    return stage_mb(EXP, wildcards.model, f"evaluate:{wildcards.backend}")
+    return stage_mb(MEMORY_PLAN, wildcards.model, f"evaluate:{wildcards.backend}")
 
 
 def calibrated_backends():
@@ -170,7 +171,7 @@ def backend_threads(wildcards):
 def backend_mem_mb(wildcards):
     """A backend's memory for its jobs, so the scheduler can pack them: backends.<backend>.mem_mb, or more where
     the model's size says its quantizer needs more (bitsweep.planning)."""
-    return max(settings_of(wildcards.backend).mem_mb, stage_mb(EXP, wildcards.model, f"quantize:{wildcards.backend}"))
+    return max(settings_of(wildcards.backend).mem_mb, stage_mb(MEMORY_PLAN, wildcards.model, f"quantize:{wildcards.backend}"))
 
 
 def get_scheme_json(wildcards):

@@ -12,7 +12,7 @@ import pytest
 from bitsweep.config import load_experiment
 from bitsweep.errors import ConfigError, SourceError
 from bitsweep.modelinfo import check_declared, read_folder_facts
-from bitsweep.planning import estimates, over_limit, stage_mb
+from bitsweep.planning import memory_plan, over_limit, stage_mb
 from bitsweep.preflight import check_before_run
 
 from .conftest import CONFIGS
@@ -93,13 +93,14 @@ def test_an_architecture_a_backend_cannot_run_is_refused_with_the_frameworks_rea
 
 def test_memory_plan_scales_with_parameters_and_refuses_what_cannot_fit(tmp_path):
     exp = load_experiment(CONFIGS, "edge-formats", ["tracking=off"])
-    plan = {(e.model, e.stage): e.mb for e in estimates(exp)}
+    by_model = memory_plan(exp)
+    plan = {(model, stage): mb for model, stages in by_model.items() for stage, mb in stages.items()}
     for stage in ("reference", "convert:gguf", "quantize:openvino", "evaluate:llamacpp"):
         assert plan[("qwen3-0.6b", stage)] < plan[("qwen3-1.7b", stage)] < plan[("qwen3-4b", stage)]
     # the reference holds fp32 weights: at least 4 bytes per parameter
     assert plan[("phi-4-mini", "reference")] > 4 * 3.8e9 / 2**20
-    assert stage_mb(exp, "qwen3-4b", "reference") == plan[("qwen3-4b", "reference")]
-    lines = over_limit(exp, 8000)
+    assert stage_mb(by_model, "qwen3-4b", "reference") == plan[("qwen3-4b", "reference")]
+    lines = over_limit(by_model, 8000)
     assert any(line.startswith("model phi-4-mini: stage quantize:olive needs ~") for line in lines)
     assert not any(line.startswith("model gemma-3-270m") for line in lines)  # ~6.7 GB at its peak
     with pytest.raises(ConfigError, match="model phi-4-mini: stage .* needs ~.* GB \\(and \\d+ more of its stages\\), "

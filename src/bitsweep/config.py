@@ -280,12 +280,6 @@ class ExperimentConfig:
         return [name for name, (fmt, _) in self.conversions().items()
                 if any(backend_info(b).source_format.name == name for b in self.backends_for(model))]  # fmt: skip
 
-    def model(self, name: str) -> ModelConfig:
-        by_name = {m.name: m for m in self.models}
-        if name not in by_name:
-            raise unknown("model in this sweep", name, by_name)
-        return by_name[name]
-
     def swept_backends(self) -> list[str]:
         return [backend for backend, by_name in self.schemes.items() if by_name]
 

@@ -14,7 +14,6 @@ estimates to plan with, deliberately on the high side: a stage refused here woul
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 from bitsweep.backends import backend_info
 from bitsweep.backends.base import Footprint
@@ -31,22 +30,16 @@ CHECK_EXTRA_BYTES_PER_PARAM = 4.0
 SCORING_BYTES_PER_LOGIT = 4 + 8 + 8 + 2
 
 
-@dataclass(frozen=True)
-class Estimate:
-    model: str
-    stage: (
-        str  # rule-like name: download, reference, convert:<format>, quantize:<backend>, evaluate:<backend>
-    )
-    mb: int
-
-
 def scoring_mb(model: ModelConfig, n_ctx: int) -> float:
     return n_ctx * (model.vocab_size or 0) * SCORING_BYTES_PER_LOGIT / 2**20
 
 
-def estimates(exp: ExperimentConfig) -> list[Estimate]:
-    """Every stage of every model whose parameter count is known (a model without one is not planned)."""
-    out = []
+def memory_plan(exp: ExperimentConfig) -> dict[str, dict[str, int]]:
+    """Model -> stage -> estimated peak MB, for every model whose parameter count is known (a model without one
+    is not planned). Stages are rule-like names: download, reference, convert:<format>, check:<format>,
+    quantize:<backend>, evaluate:<backend>. Computed once per experiment; the rest of this module reads it."""
+    conversions = exp.conversions()
+    plan = {}
     for model in exp.models:
         if not model.n_params:
             continue
@@ -54,52 +47,46 @@ def estimates(exp: ExperimentConfig) -> list[Estimate]:
         reference = REFERENCE.mb(model.n_params) + logits
         stages = {"download": DOWNLOAD[model.source.kind].mb(model.n_params), "reference": reference}
         for name in exp.formats_of(model.name):
-            fmt = exp.conversions()[name][0]
-            stages[f"convert:{name}"] = fmt.convert_footprint.mb(model.n_params)
+            stages[f"convert:{name}"] = conversions[name][0].convert_footprint.mb(model.n_params)
             stages[f"check:{name}"] = reference + CHECK_EXTRA_BYTES_PER_PARAM * model.n_params / 2**20
         for backend in exp.backends_for(model.name):
             info = backend_info(backend)
             stages[f"quantize:{backend}"] = info.quantize_footprint.mb(model.n_params)
             stages[f"evaluate:{backend}"] = info.evaluate_footprint.mb(model.n_params) + logits
-        out += [Estimate(model.name, stage, int(mb)) for stage, mb in stages.items()]
-    return out
+        plan[model.name] = {stage: int(mb) for stage, mb in stages.items()}
+    return plan
 
 
-def stage_mb(exp: ExperimentConfig, model: str, stage: str, floor: int = 1000) -> int:
+def stage_mb(plan: dict[str, dict[str, int]], model: str, stage: str, floor: int = 1000) -> int:
     """The ``mem_mb`` a job of ``stage`` for ``model`` asks for: the estimate, at least ``floor``."""
-    for estimate in estimates(exp):
-        if (estimate.model, estimate.stage) == (model, stage):
-            return max(floor, estimate.mb)
-    return floor
+    return max(floor, plan.get(model, {}).get(stage, floor))
 
 
 def machine_memory_mb() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
 
 
-def over_limit(exp: ExperimentConfig, limit_mb: int) -> list[str]:
+def over_limit(plan: dict[str, dict[str, int]], limit_mb: int) -> list[str]:
     """One line per model with a stage whose estimated peak exceeds ``limit_mb``: its largest such stage."""
     lines = []
-    for model in exp.models:
-        over = sorted(
-            (e for e in estimates(exp) if e.model == model.name and e.mb > limit_mb), key=lambda e: -e.mb
-        )
+    for model, stages in plan.items():
+        over = sorted(((mb, stage) for stage, mb in stages.items() if mb > limit_mb), key=lambda o: -o[0])
         if over:
             more = f" (and {len(over) - 1} more of its stages)" if len(over) > 1 else ""
-            lines.append(f"model {model.name}: stage {over[0].stage} needs ~{over[0].mb / 1024:.1f} GB{more}, more "
+            lines.append(f"model {model}: stage {over[0][1]} needs ~{over[0][0] / 1024:.1f} GB{more}, more "
                          f"than the {limit_mb / 1024:.1f} GB a job may use here (max_mem_mb)")  # fmt: skip
     return lines
 
 
-def summary(exp: ExperimentConfig) -> list[str]:
+def summary(exp: ExperimentConfig, plan: dict[str, dict[str, int]]) -> list[str]:
     """Per model: parameters and its most demanding stage (what the dry run reports)."""
     lines = []
     for model in exp.models:
-        mine = [e for e in estimates(exp) if e.model == model.name]
-        if not mine:
+        stages = plan.get(model.name)
+        if not stages:
             lines.append(f"{model.name}: parameter count unknown, memory not planned")
             continue
-        worst = max(mine, key=lambda e: e.mb)
-        lines.append(f"{model.name}: {model.n_params / 1e9:.2f} B parameters; peak ~{worst.mb / 1024:.1f} GB "
-                     f"({worst.stage}); reference evaluation ~{next(e.mb for e in mine if e.stage == 'reference') / 1024:.1f} GB")  # fmt: skip
+        worst = max(stages, key=stages.get)
+        lines.append(f"{model.name}: {model.n_params / 1e9:.2f} B parameters; peak ~{stages[worst] / 1024:.1f} GB "
+                     f"({worst}); reference evaluation ~{stages['reference'] / 1024:.1f} GB")  # fmt: skip
     return lines

@@ -14,7 +14,7 @@ from pathlib import Path
 from bitsweep.backends import backend_info
 from bitsweep.config import ExperimentConfig
 from bitsweep.errors import ConfigError
-from bitsweep.planning import machine_memory_mb, over_limit, summary
+from bitsweep.planning import machine_memory_mb, memory_plan, over_limit, summary
 from bitsweep.sources import COMMIT_RE
 
 
@@ -35,11 +35,12 @@ def check_before_run(
 
         check_tracking_reachable(tracking_uri(exp.tracking))
     notes = unpinned(exp)
-    refused = missing_tokens(exp, models_dir) + over_limit(exp, max_mem_mb or machine_memory_mb())
+    plan = memory_plan(exp)
+    refused = missing_tokens(exp, models_dir) + over_limit(plan, max_mem_mb or machine_memory_mb())
     if refused and not dry_run:
         raise ConfigError("; ".join(refused))
     if dry_run:
-        notes += [f"a real run would stop: {line}" for line in refused] + summary(exp)
+        notes += [f"a real run would stop: {line}" for line in refused] + summary(exp, plan)
     return notes
 
 
