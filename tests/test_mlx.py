@@ -190,3 +190,39 @@ def test_fp32_scheme_is_the_converted_model(tiny_mlx, tmp_path, fp_logits):
         assert np.array_equal(runner.logits(IDS), fp_logits)
     finally:
         runner.close()
+
+
+@pytest.mark.parametrize(
+    ("mode", "bits", "group"), [("AFFINE2", 2, 64), ("AFFINE4", 4, 32), ("MXFP4", 4, 32)]
+)
+def test_scoring_on_mlx_dequantized_weights_gives_mlx_logits(tiny_mlx, tmp_path, mode, bits, group):
+    artifact = quantize(tiny_mlx, tmp_path, mode.lower(), bits, mode=mode, group_size=group)
+    runner = helpers.open_runner(artifact)
+    native = MLXRunner(artifact.path, threads=2, scoring="native")
+    try:
+        assert runner.scoring == "dequantized" and native.scoring == "native"
+        scored, own = runner.logits(IDS), native.logits(IDS)
+        assert np.abs(scored - own).max() <= 1e-5 * np.abs(own).max()
+        assert runner.scoring_info()["scoring_check_rel_diff"] <= 1e-5
+        assert np.array_equal(runner.greedy(IDS[:16], 8), native.greedy(IDS[:16], 8))
+        assert all(s > 0 for s in runner.generate(IDS[:16], 4))  # timed on MLX's own kernels
+    finally:
+        runner.close()
+        native.close()
+
+
+def test_scoring_that_disagrees_with_mlx_is_refused(tiny_mlx, tmp_path):
+    import torch
+
+    from bitsweep.errors import ComparabilityError
+
+    artifact = quantize(tiny_mlx, tmp_path, "affine4", 4, mode="AFFINE4", group_size=32)
+    runner = helpers.open_runner(artifact)
+    try:
+        with torch.no_grad():  # one weight the dequantization got wrong
+            runner.scorer.model.model.layers[0].mlp.down_proj.weight.mul_(1.5)
+        with pytest.raises(ComparabilityError, match="other logits than MLX"):
+            runner.logits(IDS)
+    finally:
+        runner.close()
+    assert MLXRunner(tiny_mlx, threads=2).scoring == "native"  # an fp model: MLX's own logits

@@ -288,6 +288,7 @@ def evaluate_runner(
             quality |= greedy_agreement(greedy, reference.greedy)
         if cfg.tasks:
             quality |= evaluate_tasks(runner, cfg, reference, keep)
+        quality |= runner.scoring_info()
     finally:
         runner.close()
     return quality | metrics, per_window

@@ -28,6 +28,17 @@ class TorchRunner(BaseRunner):
         self._refuse_longer_than_trained()
         self.past = None
 
+    @classmethod
+    def around(cls, model, path: str | Path, threads: int, n_ctx: int = NO_LIMIT) -> TorchRunner:
+        """A runner over a transformers model built in memory (e.g. from another framework's weights)."""
+        import torch
+
+        runner = cls.__new__(cls)
+        BaseRunner.__init__(runner, path, threads, n_ctx)
+        torch.set_num_threads(threads)
+        runner.torch, runner.model, runner.past = torch, model.eval(), None
+        return runner
+
     def _refuse_longer_than_trained(self) -> None:
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if limit and self.n_ctx != NO_LIMIT and self.n_ctx > limit:

@@ -76,9 +76,10 @@ class MLXInfo(BackendInfo):
 
 
 INFO = MLXInfo(
-    # peak memory (bitsweep.planning): fp32 arrays and their quantized copy
+    # peak memory (bitsweep.planning): fp32 arrays and their quantized copy; evaluation: the quantized model
+    # and the float32 torch model scoring runs on (mlx.runner)
     quantize_footprint=Footprint(600, 8.0),
-    evaluate_footprint=Footprint(700, 6.0),
+    evaluate_footprint=Footprint(900, 10.0),
     name="mlx",
     package=__name__,
     settings=Settings,
