@@ -200,3 +200,45 @@ def test_aihub_job_construction(tiny_onnx, tmp_path, calib_text, monkeypatch):
     assert _client().config.api_token == "SECRET-TOKEN-789"  # built from the env token, no network yet
     with pytest.raises(ConfigError, match="unknown AI Hub target runtime 'qnn'"):
         AiHubConfig(target_runtime="qnn")
+
+
+def test_linear_quantization_makes_onnxruntimes_own_models(tiny_onnx, tmp_path, calib_text, monkeypatch):
+    """bitsweep.backends.ort_linear's one-pass versions of onnxruntime's quadratic loops: the calibration graph
+    has onnxruntime's nodes in onnxruntime's order, and the QNN and static QDQ models are byte-identical."""
+    import contextlib
+    import re
+
+    from onnxruntime.quantization.calibrate import MinMaxCalibrater
+
+    from bitsweep.backends import ort_linear
+    from bitsweep.backends.onnxruntime import quantize as ort_quantize
+    from bitsweep.backends.qnn import quantize as qnn_quantize
+
+    def calibration_graph(name: str) -> list[tuple]:
+        calibrater = MinMaxCalibrater(tiny_onnx / "model.onnx", augmented_model_path=tmp_path / f"{name}.onnx",
+                                      per_channel=True)  # fmt: skip
+        calibrater.augment_graph()
+        uuid = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-")  # onnxruntime's random initializer names
+        return [(n.op_type, n.name, [i for i in n.input if not uuid.match(i)], list(n.output))
+                for n in calibrater.model.graph.node]  # fmt: skip
+
+    def models() -> dict[str, bytes]:
+        made = {
+            "qnn": quantize("qnn", tiny_onnx, tmp_path / str(len(runs)), "w8a16", 8, calib_text,
+                            format="W8A16", dataset=True),
+            "qdq": quantize("onnxruntime", tiny_onnx, tmp_path / str(len(runs)), "int8_qdq", 8, calib_text,
+                            format="QDQ_INT8"),
+        }  # fmt: skip
+        return {k: a.model_file.read_bytes() for k, a in made.items()}
+
+    runs = []
+    with ort_linear.linear_quantization() as active:
+        assert active
+        ours = calibration_graph("ours")
+    runs.append(models())
+    theirs = calibration_graph("theirs")
+    assert ours == theirs
+    for module in (qnn_quantize, ort_quantize):
+        monkeypatch.setattr(module, "linear_quantization", contextlib.nullcontext)
+    runs.append(models())
+    assert runs[0] == runs[1]

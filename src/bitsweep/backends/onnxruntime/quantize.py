@@ -16,6 +16,7 @@ from bitsweep.backends.onnx_family import (
     prepared_source,
     save_model,
 )
+from bitsweep.backends.ort_linear import linear_quantization
 
 
 def quantize_dynamic_int8(src: Path, out: Path, options: dict[str, Any]) -> None:
@@ -44,13 +45,14 @@ def quantize_qdq(src: Path, out: Path, options: dict[str, Any], reader) -> list[
     op_types = tuple(options.get("op_types") or ("MatMul",))
     quantized = weight_nodes(model, op_types, list(options.get("exclude") or []))
     kept_float = sorted(set(weight_nodes(model, op_types, [])) - set(quantized))
-    quantize_static(
-        src, out, reader, quant_format=QuantFormat.QDQ, per_channel=bool(options.get("per_channel", True)),
-        activation_type=QuantType[options.get("activation_type", "QUInt8")],
-        weight_type=QuantType[options.get("weight_type", "QInt8")],
-        calibrate_method=CalibrationMethod[options.get("calibrate_method", "MinMax")],
-        nodes_to_quantize=quantized, extra_options={"WeightSymmetric": True},
-    )  # fmt: skip
+    with linear_quantization():
+        quantize_static(
+            src, out, reader, quant_format=QuantFormat.QDQ, per_channel=bool(options.get("per_channel", True)),
+            activation_type=QuantType[options.get("activation_type", "QUInt8")],
+            weight_type=QuantType[options.get("weight_type", "QInt8")],
+            calibrate_method=CalibrationMethod[options.get("calibrate_method", "MinMax")],
+            nodes_to_quantize=quantized, extra_options={"WeightSymmetric": True},
+        )  # fmt: skip
     return kept_float
 
 

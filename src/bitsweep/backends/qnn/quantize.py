@@ -26,6 +26,7 @@ from bitsweep.backends.onnx_family import (
     prepared_source,
     save_model,
 )
+from bitsweep.backends.ort_linear import linear_quantization
 
 # format -> (weight QuantType, activation QuantType) of onnxruntime.quantization
 QNN_TYPES: dict[str, tuple[str, str]] = {
@@ -68,7 +69,8 @@ class Quantizer(OnnxQuantizer):
             activation_type=QuantType[activation_type], weight_type=QuantType[weight_type],
             per_channel=bool(options.get("per_channel", True)), nodes_to_exclude=float_nodes,
         )  # fmt: skip
-        quantize(preprocessed, request.out / MODEL_ONNX, config)
+        with linear_quantization():
+            quantize(preprocessed, request.out / MODEL_ONNX, config)
         preprocessed.unlink(missing_ok=True)
         extra = {"weight_type": weight_type, "activation_type": activation_type, "float_nodes": float_nodes,
                  "finite_mask_constants": replaced}  # fmt: skip

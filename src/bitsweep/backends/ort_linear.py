@@ -1,0 +1,125 @@
+"""Linear-time versions of three loops of onnxruntime.quantization 1.31 that are quadratic in the graph's size.
+
+On SmolLM2-135M's ONNX graph (~10k nodes) QNN's W8A16 ``quantize`` took 256 s, of which the calibration run
+itself was 9 s: 100 s went to ``ONNXModel.replace_input_of_all_nodes`` (called once per QDQ pair, it calls a
+Python function on every node of the graph: 26 M calls), 71 s to ``MinMaxCalibrater.augment_graph`` (for every
+calibrated tensor it scans the node list for the tensor's first consumer and rebuilds a dict of every
+value_info, twice). :func:`linear_quantization` swaps in versions that do the same edits in one pass; the models
+they produce are byte-identical to onnxruntime's own (tests/test_onnx.py compares them on a real QDQ
+quantization), and onnxruntime's other code paths are untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Iterator
+
+# the onnxruntime release whose code these replace line for line; another release runs its own code
+ORT_VERSION = "1.31."
+
+
+@contextlib.contextmanager
+def linear_quantization() -> Iterator[bool]:
+    """Within the block, onnxruntime.quantization uses the linear versions; yields whether it does (False on
+    an onnxruntime release these were not written against)."""
+    import onnxruntime
+    from onnxruntime.quantization.calibrate import MinMaxCalibrater
+    from onnxruntime.quantization.onnx_model import ONNXModel
+
+    if not onnxruntime.__version__.startswith(ORT_VERSION):
+        yield False
+        return
+    saved = (ONNXModel.replace_input_of_all_nodes, ONNXModel.replace_output_of_all_nodes,
+             MinMaxCalibrater.augment_graph)  # fmt: skip
+    ONNXModel.replace_input_of_all_nodes = replace_input_of_all_nodes
+    ONNXModel.replace_output_of_all_nodes = replace_output_of_all_nodes
+    MinMaxCalibrater.augment_graph = augment_graph
+    try:
+        yield True
+    finally:
+        (ONNXModel.replace_input_of_all_nodes, ONNXModel.replace_output_of_all_nodes,
+         MinMaxCalibrater.augment_graph) = saved  # fmt: skip
+
+
+def replace_input_of_all_nodes(self, old_input_name: str, new_input_name: str) -> None:
+    """onnxruntime's, with the membership test in C (protobuf's ``in``) instead of a Python call per node."""
+    for node in self.model.graph.node:
+        if old_input_name in node.input:
+            self.replace_node_input(node, old_input_name, new_input_name)
+
+
+def replace_output_of_all_nodes(self, old_output_name: str, new_output_name: str) -> None:
+    for node in self.model.graph.node:
+        if old_output_name in node.output:
+            self.replace_node_output(node, old_output_name, new_output_name)
+
+
+def augment_graph(self) -> None:
+    """``MinMaxCalibrater.augment_graph``: a ReduceMin and a ReduceMax (each + Reshape to 1-D) of every tensor
+    to calibrate, made graph outputs.
+
+    onnxruntime inserts each pair right before the tensor's first consumer in the *current* node list, so a
+    tensor's ReduceMax (whose first consumer is by then its own ReduceMin) lands before its ReduceMin, and
+    tensors without a consumer go to the end. The same order results here from one pass: each tensor's nodes
+    ``[ReduceMax, Reshape, ReduceMin, Reshape]`` before its first original consumer, in calibration order.
+    """
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = self.model.graph
+    tensors, _ = self.select_tensors_to_calibrate(self.model)
+    reshape_shape_name = str(uuid.uuid4())
+    graph.initializer.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), reshape_shape_name))
+    # looked up only for tensors of the original graph, which the outputs added below never are
+    value_infos = {vi.name: vi for vi in graph.value_info}
+    value_infos.update({o.name: o for o in graph.output})
+    value_infos.update({i.name: i for i in graph.input})
+
+    def op_version(op_type: str) -> int:
+        for opset_import in self.model.opset_import:
+            if onnx.defs.has(op_type, opset_import.domain):
+                return opset_import.version
+        raise RuntimeError(f"Model does not contain a version for '{op_type}'.")
+
+    def reduce_nodes(tensor_name: str, reduce_op_name: str) -> list:
+        reduce_output = tensor_name + "_" + reduce_op_name
+        intermediate_output = reduce_output + "_Reshape"
+        reduce_node = helper.make_node(reduce_op_name, [tensor_name], [intermediate_output], keepdims=1,
+                                       name=reduce_output)  # fmt: skip
+        reshape_node = helper.make_node("Reshape", inputs=[intermediate_output, reshape_shape_name],
+                                        outputs=[reduce_output], name=intermediate_output)  # fmt: skip
+        if tensor_name not in value_infos:
+            raise ValueError(
+                f"Unable to guess tensor type for tensor {tensor_name!r}, "
+                "running shape inference before quantization may resolve this issue."
+            )
+        onnx_type = value_infos[tensor_name].type.tensor_type.elem_type
+        if self.per_channel:
+            rank = len(value_infos[tensor_name].type.tensor_type.shape.dim)
+            reduced_axes = [0, *range(2, rank)]
+            if op_version(reduce_op_name) < 18:
+                reduce_node.attribute.append(helper.make_attribute("axes", reduced_axes))
+            else:
+                axes_name = str(uuid.uuid4())
+                reduce_node.input.append(axes_name)
+                graph.initializer.append(
+                    numpy_helper.from_array(np.array(reduced_axes, dtype=np.int64), axes_name)
+                )
+        graph.output.append(helper.make_tensor_value_info(reduce_output, onnx_type, [None]))
+        return [reduce_node, reshape_node]
+
+    first_consumer: dict[str, int] = {}
+    for index, node in enumerate(graph.node):
+        for name in node.input:
+            first_consumer.setdefault(name, index)
+    before: dict[int, list] = {}
+    for tensor in tensors:
+        low = reduce_nodes(tensor, "ReduceMin")
+        high = reduce_nodes(tensor, "ReduceMax")
+        before.setdefault(first_consumer.get(tensor, len(graph.node)), []).extend(high + low)
+    for index in sorted(before, reverse=True):  # from the end: the indices before it stay valid
+        for offset, node in enumerate(before[index]):
+            graph.node.insert(index + offset, node)
+    onnx.save(self.model, self.augmented_model_path, save_as_external_data=self.use_external_data_format)
