@@ -141,6 +141,10 @@ def evaluate_mem_mb(wildcards):
     return stage_mb(MEMORY_PLAN, wildcards.model, f"evaluate:{wildcards.backend}")
 
 
+def evaluate_env(wildcards):
+    return info(wildcards.backend).evaluate_env_prefix()
+
+
 def calibrated_backends():
     return [b for b in EXP.swept_backends() if info(b).calibration_step]
 

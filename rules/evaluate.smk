@@ -55,12 +55,13 @@ rule evaluate:
         f"{BENCH}/evaluate/{{model}}/{{backend}}/{{scheme}}.tsv"
     params:
         eval=EVAL_JSON,
+        env=evaluate_env,
     threads: EXP.eval.threads
     resources:
         timing=1,
         mem_mb=evaluate_mem_mb,
     shell:
-        "python scripts/run_stage.py evaluate_variant --model {wildcards.model} --artifact-dir {input.artifact:q}"
+        "{params.env} python scripts/run_stage.py evaluate_variant --model {wildcards.model} --artifact-dir {input.artifact:q}"
         " --windows-path {input.windows:q} --reference-path {input.reference:q} --cfg {params.eval:q}"
         " --out-json {output:q} --threads {threads} > {log:q} 2>&1"
 

@@ -138,3 +138,30 @@ def test_gguf_export_is_read_by_llamacpp_as_our_weights(tiny256_dir, tmp_path):
     assert gguf_summary(tmp_path / "ours.gguf")["tensor_types"]["TQ2_0"] == 7
     close = result["ours_int8_block_vs_llamacpp"]  # llama.cpp's own activation rule (Q8_K)
     assert close["kld_mean"] < 1e-3 and close["top1_agreement"] > 0.95, json.dumps(result)
+
+
+def test_int8_scoring_gives_the_same_bits_on_every_kernel_path(tiny_model_dir, tmp_path):
+    """Windows (through fast.gemm_exact) and short inputs (the packed kernels) on every instruction-set path
+    this CPU has and the portable fallback: identical logits. The workflow runs bitnet's evaluations with the
+    float parts pinned to AVX2 code paths (INFO.evaluate_env), which the result records."""
+    from bitsweep.backends import backend_info
+    from bitsweep.kernels import fast
+
+    artifact = quantize(tiny_model_dir, tmp_path, "int4", 4, format="int4", group_size=64, act="int8")
+    runner = BitnetRunner(artifact.path, threads=2, n_ctx=128)
+    ids = np.random.default_rng(3).integers(0, 1000, 100)
+    previous = fast.current_isa()
+    try:
+        logits = {}
+        for isa in fast.available_isas():
+            fast.set_isa(isa)
+            logits[isa] = (runner.logits(ids), runner.logits(ids[:8]))
+    finally:
+        fast.set_isa(previous)
+    first = logits[fast.available_isas()[0]]
+    for isa, (window, short) in logits.items():
+        assert np.array_equal(window, first[0]) and np.array_equal(short, first[1]), isa
+    assert runner.scoring_info()["kernel_isa"] == previous
+    prefix = backend_info("bitnet").evaluate_env_prefix()
+    assert prefix == "env ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2 ONEDNN_MAX_CPU_ISA=AVX2"
+    assert backend_info("llamacpp").evaluate_env_prefix() == ""

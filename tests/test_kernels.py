@@ -96,6 +96,34 @@ def test_numba_kernels_match_reference(name, scale, k, isa):
     np.testing.assert_allclose(fast.gemm(pm, x, "fp32"), ref.gemm(pm, x, "fp32"), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("name", "scale"),
+    [(name, "absmax") for name in sorted(FORMATS)] + [(n, "absmean") for n in ("tq1_0", "tq2_0", "binary")],
+)
+def test_batches_through_blas_give_the_kernels_bits_on_any_thread_count(name, scale):
+    """gemm_exact (what the bitnet backend scores windows with): integer group sums as BLAS GEMMs of integer-
+    valued float32 matrices, exact in any summation order, so 1 and 2 BLAS threads and the int8 kernels agree
+    to the bit."""
+    import torch
+
+    w = weights(96, 700)
+    x = np.random.default_rng(5).standard_normal((40, 700)).astype(np.float32) * 3
+    pm = ref.quantize(w, name, scale=scale)
+    previous = torch.get_num_threads()
+    try:
+        for act in ("int8", "int8_block"):
+            acts = fast.prepare_activations_fast(x, pm.k_padded, pm.group, act)
+            expected = ref.gemm(pm, x, act)
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                np.testing.assert_array_equal(fast.gemm_exact(pm, acts), expected)
+            np.testing.assert_array_equal(fast.gemm_prepared(pm, acts), expected)
+    finally:
+        torch.set_num_threads(previous)
+    with pytest.raises(ValueError, match="integer activations"):
+        fast.gemm_exact(pm, fast.prepare_activations_fast(x, pm.k_padded, pm.group, "fp32"))
+
+
 @pytest.mark.parametrize("name", sorted(FORMATS))
 def test_matvec_is_the_product_with_the_dequantized_matrix(name):
     w = weights(64, 1024)

@@ -132,10 +132,19 @@ class BackendInfo:
     device_profiler: str | None = None  # "module:function"(artifact_dir, settings) -> record (AI Hub)
     quantize_footprint: Footprint = field(default_factory=Footprint)  # peak memory of its quantizer
     evaluate_footprint: Footprint = field(default_factory=Footprint)  # of its runner, before the logits
+    # environment of its evaluation jobs (set before the process imports anything; the Snakefile's evaluate rule)
+    evaluate_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def bits(self) -> frozenset[int]:
         return frozenset(self.type_bits.values())
+
+    def evaluate_env_prefix(self) -> str:
+        """``env NAME=value ...`` before an evaluation's command line ("" when it pins nothing)."""
+        import shlex
+
+        pinned = sorted(self.evaluate_env.items())
+        return "env " + " ".join(f"{k}={shlex.quote(v)}" for k, v in pinned) if pinned else ""
 
     def kind(self, options: dict[str, Any]) -> str:
         """The scheme's format name in capital letters (``Q4_K_M``, ``INT4_ASYM``)."""
@@ -373,6 +382,11 @@ class BaseRunner:
         for _ in range(n_new):
             last = self._step(int(np.argmax(last)))
         return prompt_done - started, time.perf_counter() - prompt_done
+
+    def scoring_info(self) -> dict[str, str | float]:
+        """What decided the scored logits beyond the artifact: a scoring path other than the runtime's own
+        forward pass (MLX), runtime settings pinned for comparability (OpenVINO, bitnet)."""
+        return {}
 
     def close(self) -> None:
         """Free the model (subclasses drop their framework objects)."""

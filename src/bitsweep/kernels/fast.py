@@ -324,6 +324,76 @@ def _dequantize(fmt, qs, a, c, group, bytes_per_group, out):
                 out[i, g * group + j] = a[i, g] * np.float32(buf[j]) + c[i, g]
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Batches through BLAS, exactly: the integer group sums as float32 GEMMs of integer-valued matrices
+
+
+EXACT_F32 = 2**24  # every integer of magnitude up to this is a float32: sums below it are exact in any order
+
+
+def codes_f32(pm: PackedMatrix) -> np.ndarray:
+    """The weight codes ``q`` (the unsigned integers the kernels multiply) as float32 ``(n_rows, k_padded)``."""
+    ones = np.ones((pm.n_rows, pm.k_padded // pm.group), np.float32)
+    out = np.empty((pm.n_rows, pm.k_padded), np.float32)
+    _dequantize(
+        pm.fmt.fmt_id, pm.qs, ones, np.zeros_like(ones), pm.group, pm.fmt.bytes_per_group(pm.group), out
+    )
+    return out
+
+
+def gemm_exact(pm: PackedMatrix, acts: Activations) -> np.ndarray:
+    """``x @ W.T`` for a batch of integer activations with the bits of :func:`gemm_prepared` (and
+    bitsweep.kernels.formats.gemm), at BLAS speed, on any CPU and thread count.
+
+    The per-group sums ``sum_j q_j x_j`` are products of integer-valued float32 matrices (codes 0..15, int8
+    activations): every partial sum is an integer below :data:`EXACT_F32` in magnitude (float64 where a
+    whole-row sum could reach it), so the GEMM is exact whatever order and vector width the BLAS kernel sums
+    in. The groups are then combined in float32 in the reference's order (:func:`_combine_groups`). A float
+    GEMM on dequantized weights instead rounds in the BLAS kernel's order, which differs between AVX2 and
+    AVX-512 builds and thread counts; int8 rounding of the next layer's activations then carries a last-bit
+    difference into a different model output.
+    """
+    import torch
+
+    if not acts.integer:
+        raise ValueError("gemm_exact takes integer activations (act int8 / int8_block)")
+    n, group = acts.x.shape[0], pm.group
+    n_groups = pm.k_padded // group
+    codes, x = codes_f32(pm), acts.x.astype(np.float32)
+    a, c = _scalars(pm)
+    max_code = pm.fmt.n_levels - 1
+    if uniform_row_scales(pm, acts):
+        dtype = torch.float32 if 127 * max_code * pm.k_padded < EXACT_F32 else torch.float64
+        dots = (torch.from_numpy(x).to(dtype) @ torch.from_numpy(codes).to(dtype).T).to(torch.float32).numpy()
+        xsum = acts.xsum.sum(-1).astype(np.float32)
+        return (a[:, 0] * dots + c[:, 0] * xsum[:, None]) * acts.scale[:, :1]
+    if 127 * max_code * group >= EXACT_F32:
+        raise ValueError(f"group {group} too large for exact float32 group sums")
+    xg = torch.from_numpy(x).view(n, n_groups, group).transpose(0, 1)  # (G, n, group)
+    wg = torch.from_numpy(codes).view(pm.n_rows, n_groups, group).permute(1, 2, 0)  # (G, group, rows)
+    dots = torch.bmm(xg, wg).numpy()  # (G, n, rows), exact integers
+    aT, cT = _transposed_scalars(pm)
+    out = np.empty((n, pm.n_rows), np.float32)
+    _combine_groups(dots, aT, cT, acts.xsum.astype(np.float32), acts.scale, out)
+    return out
+
+
+@njit(parallel=True, cache=True)
+def _combine_groups(dots, aT, cT, xsum, scale, out):
+    """``out[t, i] = sum_g (a[i,g] dots[g,t,i] + c[i,g] xsum[t,g]) scale[t,g]`` one group after another, each
+    operation rounded to float32 as formats.gemm's NumPy expression rounds it (no fastmath: no reassociation,
+    no fused multiply-add)."""
+    n_groups, n_tok, n_rows = dots.shape
+    for t in prange(n_tok):
+        for i in range(n_rows):
+            out[t, i] = 0
+        for g in range(n_groups):
+            xs, s = xsum[t, g], scale[t, g]
+            for i in range(n_rows):
+                part = aT[g, i] * dots[g, t, i] + cT[g, i] * xs
+                out[t, i] = out[t, i] + part * s
+
+
 @njit(parallel=True, cache=True)
 def gemv_int8_unpacked(w, w_scale, xq, x_scale):
     """Baseline: int8 weights ``(n_rows, k)`` (one scale per row) times int8 activations held as int16."""

@@ -21,4 +21,10 @@ INFO = BackendInfo(
     type_key="format",
     type_bits=BITNET_FORMATS,
     options=frozenset({"format", "scale", "group_size", "layers", "act", "keep_dtype"}),
+    # Same numbers on every x86 host: int8 activation rounding turns a last-bit difference in the float parts
+    # (torch's attention, norms and softmax) into a different code, and on SmolLM2 int4_g64 into logits up to 4
+    # apart (measured here: torch's AVX2 kernels vs its baseline ones). Torch's vector kernels, MKL's GEMMs and
+    # oneDNN are held to their AVX2 code paths (MKL's "conditional numerical reproducibility"), the widest every
+    # host of this project has; the packed layers are exact on their own (kernels.fast.gemm_exact, every ISA).
+    evaluate_env={"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
 )

@@ -14,9 +14,10 @@ from bitsweep.backends.bitnet.quantize import load_packed
 from bitsweep.backends.torch_ref import TorchRunner
 from bitsweep.errors import ConfigError
 
-# From this many tokens per call (prompt processing, scoring windows) PackedLinear decodes the weights and uses
-# sgemm; below it (generation, small batches) it runs the packed GEMV/GEMM kernels directly. bench/kernels.py:
-# the packed GEMM beats fp32 sgemm ~2x at 8 tokens and loses at 32 (0.55-0.85x).
+# From this many tokens per call (prompt processing, scoring windows) PackedLinear goes through BLAS: integer
+# activations as exact GEMMs of the integer codes (fast.gemm_exact: the kernels' bits), fp32 activations on the
+# decoded weights; below it (generation, small batches) it runs the packed GEMV/GEMM kernels directly.
+# bench/kernels.py: the packed GEMM beats fp32 sgemm ~2x at 8 tokens and loses at 32 (0.55-0.85x).
 DEQUANT_BATCH = 16
 
 
@@ -45,9 +46,12 @@ def packed_linear_class():
             acts = fast.prepare_activations_fast(flat, pm.k_padded, pm.group, self.act)
             if flat.shape[0] < DEQUANT_BATCH:
                 y = torch.from_numpy(fast.gemm_prepared(pm, acts))
+            elif acts.integer:
+                # Prompt-sized batches (scoring a window): the integer group sums as exact BLAS GEMMs, so the
+                # scored logits are the int8 kernels' bits on every CPU and thread count (fast.gemm_exact).
+                y = torch.from_numpy(fast.gemm_exact(pm, acts))
             else:
-                # Prompt-sized batches: decode the weights once (our kernel) and let sgemm do the products, on
-                # the same (int8-rounded) activations: the quantized model's arithmetic, in another order.
+                # fp32 activations: decode the weights once (our kernel) and let sgemm do the products.
                 n = flat.shape[0]
                 x_used = (acts.x.reshape(n, -1, pm.group) * acts.scale[:, :, None]).reshape(n, -1)[:, : pm.k]
                 y = torch.from_numpy(x_used) @ torch.from_numpy(fast.dequantize(pm)).T
@@ -108,6 +112,15 @@ class Runner(TorchRunner):
         self.model, self.info = build_model(Path(path), act)
         self._refuse_longer_than_trained()
         self.past = None
+
+    def scoring_info(self) -> dict[str, str | float]:
+        """The code paths the float parts ran on (bitnet's INFO.evaluate_env pins them in the workflow)."""
+        import os
+
+        from bitsweep.kernels import fast
+
+        return {"torch_cpu_capability": self.torch.backends.cpu.get_cpu_capability(),
+                "mkl_cbwr": os.environ.get("MKL_CBWR", ""), "kernel_isa": fast.current_isa()}  # fmt: skip
 
 
 BitnetRunner = Runner
