@@ -128,6 +128,7 @@ PLANES = {"2": 4, "1": 8, "1x4": 8, "4": 2, "t": 5}  # code planes per byte ("1x
 # Chunks whose int16 sums may add up before widening: one chunk adds at most planes * 2 * max_code * 128 to a
 # lane (2: 3072, 1: 2048, 1x4: 8192, 4: 7680, t: 2560) and the total must stay below 2**15.
 BLOCK16 = {"2": 10, "1": 15, "1x4": 3, "4": 4, "t": 12}
+MAX_ACCUMULATORS = 16  # vector accumulators per span (of AVX-512's 32 registers), shared by its tokens
 PREFETCH = 1024  # bytes ahead in the weight stream (a software prefetch per block of chunks)
 
 
@@ -248,8 +249,14 @@ def _emit_span(builder, isa, kind, rowp, plane_ptrs, o, e, long=True):
     def const(value):
         return ir.Constant(intp, value)
 
-    accs = [cgutils.alloca_once_value(builder, ir.Constant(v32, None)) for _ in range(ntok)]
     n_chunks = builder.udiv(builder.sub(e, o), const(width))
+    # With VNNI each plane's vpdpbusd would wait for the previous one's result (5 cycles of latency, one issued per
+    # cycle): plane t of token n goes to accumulator t % n_acc of that token instead, summed after the loop.
+    n_acc = min(PLANES[kind], max(1, MAX_ACCUMULATORS // ntok)) if vnni else 1
+    lanes = [
+        [cgutils.alloca_once_value(builder, ir.Constant(v32, None)) for _ in range(n_acc)] for _ in range(ntok)
+    ]
+    accs = [lane[0] for lane in lanes]
     # Without VNNI, the int16 sums of up to `block` chunks are widened at once (no lane can overflow, BLOCK16):
     # whole blocks (a constant trip count, which LLVM unrolls), then one partial block.
     block = 1 if vnni else BLOCK16[kind]
@@ -260,7 +267,10 @@ def _emit_span(builder, isa, kind, rowp, plane_ptrs, o, e, long=True):
         if vnni:
             codes, xs = products(width, start)
             for n in range(ntok):
-                builder.store(_madd_chunk(builder, isa, width, builder.load(accs[n]), codes, xs[n]), accs[n])
+                for a in range(n_acc):
+                    acc = lanes[n][a]
+                    mine = slice(a, None, n_acc)
+                    builder.store(_madd_chunk(builder, isa, width, builder.load(acc), codes[mine], xs[n][mine]), acc)
             return
         p16 = [cgutils.alloca_once_value(builder, ir.Constant(v16, None)) for _ in range(ntok)]
         for n in range(ntok):
@@ -282,7 +292,7 @@ def _emit_span(builder, isa, kind, rowp, plane_ptrs, o, e, long=True):
             first = builder.mul(outer.index, const(block))
             left = builder.sub(n_chunks, first)
             run_block(first, builder.select(builder.icmp_signed("<", left, const(block)), left, const(block)))
-        return _emit_tail(builder, isa, kind, rowp, plane_ptrs, o, e, accs, n_chunks, products)
+        return _emit_tail(builder, isa, kind, rowp, plane_ptrs, o, e, _fold(builder, lanes), n_chunks, products)
     n_blocks = builder.udiv(n_chunks, const(block))
     with cgutils.for_range(builder, n_blocks) as outer:
         run_block(builder.mul(outer.index, const(block)), const(block))
@@ -291,7 +301,18 @@ def _emit_span(builder, isa, kind, rowp, plane_ptrs, o, e, long=True):
         left = builder.sub(n_chunks, done)
         with builder.if_then(builder.icmp_signed(">", left, const(0))):
             run_block(done, left)
-    return _emit_tail(builder, isa, kind, rowp, plane_ptrs, o, e, accs, n_chunks, products)
+    return _emit_tail(builder, isa, kind, rowp, plane_ptrs, o, e, _fold(builder, lanes), n_chunks, products)
+
+
+def _fold(builder, lanes):
+    """Each token's accumulators (``lanes[n]``) added into its first one; the first ones returned."""
+    for lane in lanes:
+        if len(lane) > 1:
+            total = builder.load(lane[0])
+            for acc in lane[1:]:
+                total = builder.add(total, builder.load(acc))
+            builder.store(total, lane[0])
+    return [lane[0] for lane in lanes]
 
 
 def _emit_tail(builder, isa, kind, rowp, plane_ptrs, o, e, accs, n_chunks, products):
