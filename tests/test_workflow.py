@@ -144,6 +144,9 @@ def test_sweep_produces_sane_comparable_results(sweep):
         assert m[key]["top1"] > 0.5, (key, m[key])
     assert m["qnn/w8a16"]["kld"] < m["onnxruntime/int4_g32_sym"]["kld"]
     assert rows["mlx/mxfp4"]["artifact"]["applied"]["bpw"] < 6 and math.isfinite(m["mlx/mxfp4"]["ppl"])
+    # MLX's CPU backend scores through torch on its own dequantized weights, checked against MLX on every run
+    assert m["mlx/mxfp4"]["scoring"] == "torch on mlx-dequantized weights"
+    assert m["mlx/mxfp4"]["scoring_check_rel_diff"] < 1e-4
     sizes = [m[f"llamacpp/{s}"]["size_bytes"] for s in ("q8_0", "q4_k_m", "q2_k")]
     assert sizes == sorted(sizes, reverse=True)
     # Every row was scored on the same windows against the same reference.
@@ -163,6 +166,8 @@ def test_sweep_produces_sane_comparable_results(sweep):
     assert m["bitnet/int4_g64"]["kld"] < 0.5 < 5 < m["bitnet/tq2_0"]["kld"]
     assert m["bitnet/int4_g64"]["top1"] > 0.6
     assert rows["bitnet/tq2_0"]["artifact"]["applied"]["nominal_bpw"] == 2.0625
+    for key in ("bitnet/int4_g64", "bitnet/tq2_0"):  # the float parts ran on pinned code paths (evaluate_env)
+        assert (m[key]["torch_cpu_capability"], m[key]["mkl_cbwr"]) == ("AVX2", "AVX2"), key
     assert (
         m["bitnet/tq2_0"]["size_bytes"]
         < m["bitnet/int4_g64"]["size_bytes"]
@@ -303,38 +308,42 @@ def test_bad_input_stops_before_any_job(sweep, overrides, message):
 
 @pytest.mark.slurm
 def test_slurm_run_matches_the_local_run(sweep, tmp_path):
-    """A real one-node SLURM cluster (scripts/slurm_local.sh: slurm-wlm + munge from apt) runs a short sweep
-    through the Snakemake SLURM executor (profiles/slurm-local); the jobs really went through SLURM and the
-    numbers equal the local run's."""
+    """A real one-node SLURM cluster (scripts/slurm_local.sh: slurm-wlm + munge from apt) runs the reference and a
+    llama.cpp variant's evaluation again (the smoke sweep's downloads and artifacts reused) through the Snakemake
+    SLURM executor (profiles/slurm-local); every job really went through SLURM and the numbers equal the local
+    run's."""
     if os.geteuid() != 0 or not (shutil.which("apt-get") or shutil.which("slurmctld")):
         pytest.skip("the local SLURM cluster needs root and apt-get (CI has both)")
+    workdir = reusing_copy(sweep, tmp_path / "slurm-run")
     cluster = [str(ROOT / "scripts" / "slurm_local.sh")]
     start = subprocess.run(["bash", *cluster, "start"], capture_output=True, text=True, check=False)
     assert start.returncode == 0, start.stderr[-2000:]
     try:
-        for name in WORKFLOW_FILES:
-            (shutil.copytree if (ROOT / name).is_dir() else shutil.copy2)(ROOT / name, tmp_path / name)
         cmd = [
             str(Path(sys.executable).parent / "snakemake"),
             "--profile",
             "profiles/slurm-local",
+            "--forcerun",
+            "evaluate_reference",
             "--config",
             "experiment=smoke",
             "overrides=" + json.dumps(["sweep.llamacpp=[q8_0]", *ONLY_LLAMACPP, "report.screenshot=false"]),
         ]
-        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, check=False)  # fmt: skip
+        proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, check=False)  # fmt: skip
         out = proc.stdout + proc.stderr
         assert proc.returncode == 0, out[-4000:]
     finally:
         subprocess.run(["bash", *cluster, "stop"], capture_output=True, check=False)
+    jobs = job_counts(out)
+    assert jobs["evaluate_reference"] == jobs["evaluate"] == "1", jobs
     submitted = re.findall(r"has been submitted with SLURM jobid (\d+)", out)
-    assert len(submitted) == 12, out[-3000:]  # every job but the local `all`
-    assert len(list((tmp_path / ".snakemake" / "slurm_logs").rglob("*.log"))) == 12
-    local = {k: v["metrics"] for k, v in results(sweep).items()}
-    for key, row in results(tmp_path).items():
+    assert len(submitted) == int(jobs["total"]) - 1, out[-3000:]  # every job but the local `all`
+    assert len(list((workdir / ".snakemake" / "slurm_logs").rglob("*.log"))) == len(submitted)
+    local, remote = results(sweep), results(workdir)
+    for key in ("reference/fp32", "llamacpp/q8_0"):
+        assert remote[key]["evaluated"] != local[key]["evaluated"], key  # evaluated again, on the cluster
         for metric in ("ppl", "kld", "top1", "size_bytes", "bpw"):
-            assert row["metrics"][metric] == local[key][metric], (key, metric)
-    assert set(results(tmp_path)) == {"reference/fp32", "llamacpp/q8_0"}
+            assert remote[key]["metrics"][metric] == local[key]["metrics"][metric], (key, metric)
 
 
 def finished_job(workdir: Path, output: Path) -> bool:
@@ -498,30 +507,31 @@ class Runner(TorchRunner):  # transformers loads the cast weights back into floa
 
 
 def test_a_new_backend_is_one_package_one_registry_entry_and_its_yaml(sweep, tmp_path):
-    complete(sweep)
+    """A throwaway backend (a torch dtype cast) runs through the real Snakefile beside the smoke sweep's
+    finished work (reused: only its own jobs run) and lands in the results and the report."""
+    workdir = reusing_copy(sweep, tmp_path / "plugin-run")
     package = tmp_path / "plugins" / "castfp_backend"
     package.mkdir(parents=True)
     for name, text in THROWAWAY.items():
         (package / name).write_text(text.lstrip())
-    (sweep / "configs/backend/castfp.yaml").write_text("{}\n")
-    (sweep / "configs/quant/castfp").mkdir()
-    (sweep / "configs/quant/castfp/bf16.yaml").write_text("bits: 16\noptions:\n  dtype: BFLOAT16\n")
+    (workdir / "configs/backend/castfp.yaml").write_text("{}\n")
+    (workdir / "configs/quant/castfp").mkdir()
+    (workdir / "configs/quant/castfp/bf16.yaml").write_text("bits: 16\noptions:\n  dtype: BFLOAT16\n")
     env = {"BITSWEEP_BACKENDS": "castfp=castfp_backend",
            "PYTHONPATH": os.pathsep.join([str(tmp_path / "plugins"), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
-    overrides = json.dumps(["name=plugin", "+sweep.castfp=[bf16]", *(f"sweep.{b}=[]" for b in SWEPT),
-                            "report.screenshot=false"])  # fmt: skip
-    try:
-        proc = snakemake(sweep, "--cores", "2", config=(f"overrides={overrides}",), env=env)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-    finally:
-        shutil.rmtree(sweep / "configs/quant/castfp")
-        (sweep / "configs/backend/castfp.yaml").unlink()
-    row = json.loads((sweep / "results/plugin/evaluated/smollm2-135m/castfp/bf16.json").read_text())
-    reference = json.loads((sweep / "results/plugin/evaluated/smollm2-135m/reference/fp32.json").read_text())
+    overrides = json.dumps(
+        ["+sweep.castfp=[bf16]", *(f"sweep.{b}=[]" for b in SWEPT), "report.screenshot=false"]
+    )
+    proc = snakemake(workdir, "--cores", "2", config=(f"overrides={overrides}",), env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    jobs = job_counts(proc.stdout + proc.stderr)
+    assert jobs["quantize"] == jobs["evaluate"] == "1" and "evaluate_reference" not in jobs, jobs
+    row = json.loads((workdir / "results/smoke/evaluated/smollm2-135m/castfp/bf16.json").read_text())
+    reference = json.loads((workdir / "results/smoke/evaluated/smollm2-135m/reference/fp32.json").read_text())
     assert row["artifact"]["applied"]["dtype"] == "torch.bfloat16" and 15.9 < row["metrics"]["bpw"] < 16.1
     assert 0 < row["metrics"]["kld"] < 0.05 and row["metrics"]["top1"] > 0.9  # bf16 rounding: small, not zero
     assert row["comparability"]["windows_sha256"] == reference["comparability"]["windows_sha256"]
-    assert "| castfp | bf16 |" in (sweep / "results/plugin/report/results.md").read_text()
+    assert "| castfp | bf16 |" in (workdir / "results/smoke/report/results.md").read_text()
 
 
 def test_llamacpp_protocol_equals_llama_perplexity_and_its_kl_divergence(sweep, tmp_path):
@@ -560,6 +570,19 @@ def linked_copy(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
                     dirs_exist_ok=True)  # fmt: skip
 
 
+def reusing_copy(sweep: Path, workdir: Path) -> Path:
+    """A second workflow folder holding the finished smoke sweep's data and results (hard links) and Snakemake's
+    metadata (copied: it is rewritten in place), without its MLflow store and report: a run there makes only
+    what its config adds (and the tracking and report of what it sweeps)."""
+    complete(sweep)
+    workdir.mkdir(parents=True)
+    for name in [*WORKFLOW_FILES, ".snakemake"]:
+        (shutil.copytree if (sweep / name).is_dir() else shutil.copy2)(sweep / name, workdir / name)
+    linked_copy(sweep / "data", workdir / "data")
+    linked_copy(sweep / "results", workdir / "results", skip=("tracking", "report"))
+    return workdir
+
+
 def test_two_models_each_with_its_own_tokenizer_windows_and_reference(sweep, tmp_path):
     """SmolLM2 and a tiny Gemma 3 (its own SentencePiece tokenizer) in one sweep: per-model windows and
     references, one table per model plus the side-by-side one, the cross-model plot, MLflow runs filterable by
@@ -569,16 +592,7 @@ def test_two_models_each_with_its_own_tokenizer_windows_and_reference(sweep, tmp
 
     from bitsweep.archs import make_tiny_model
 
-    complete(sweep)
-    workdir = tmp_path / "two-models"
-    workdir.mkdir()
-    for name in [*WORKFLOW_FILES, ".snakemake"]:  # Snakemake's metadata copied: it is rewritten in place
-        if (sweep / name).is_dir():
-            shutil.copytree(sweep / name, workdir / name)
-        else:
-            shutil.copy2(sweep / name, workdir / name)
-    linked_copy(sweep / "data", workdir / "data")
-    linked_copy(sweep / "results", workdir / "results", skip=("tracking", "report"))
+    workdir = reusing_copy(sweep, tmp_path / "two-models")
     gemma = make_tiny_model("gemma3_text", tmp_path / "tiny-gemma3")
     (workdir / "configs/model/tiny-gemma3.yaml").write_text(
         f"name: tiny-gemma3\nsource:\n  kind: local\n  path: {gemma}\nlicense: random weights\n"

@@ -84,6 +84,7 @@ def evaluate_reference(
         "comparability": comparability(windows, out_reference),
         "artifact": {"path": str(model_dir), "n_params": n_params, "runtime": "torch fp32"},
         "config": {"eval": asdict(cfg)},
+        "evaluated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })  # fmt: skip
     write_json(out_json, result)
     return result
