@@ -37,6 +37,12 @@ def test_fp32_ir_matches_torch(tiny_model_dir, tiny_ir):
         assert np.abs(runner.logits(IDS) - TorchRunner(tiny_model_dir, 2).logits(IDS)).max() < 1e-3
         prompt_s, gen_s = runner.generate(IDS[:16], 4)
         assert prompt_s > 0 and gen_s > 0
+        # the plugin's host-dependent defaults (bf16 on AMX, u8 KV cache, int8 activations on VNNI) are off
+        assert runner.scoring_info() == {
+            "openvino_inference_precision_hint": "f32",
+            "openvino_kv_cache_precision": "f32",
+            "openvino_dynamic_quantization_group_size": "0",
+        }
     finally:
         runner.close()
 

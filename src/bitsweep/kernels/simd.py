@@ -254,7 +254,8 @@ def _emit_span(builder, isa, kind, rowp, plane_ptrs, o, e, long=True):
     # cycle): plane t of token n goes to accumulator t % n_acc of that token instead, summed after the loop.
     n_acc = min(PLANES[kind], max(1, MAX_ACCUMULATORS // ntok)) if vnni else 1
     lanes = [
-        [cgutils.alloca_once_value(builder, ir.Constant(v32, None)) for _ in range(n_acc)] for _ in range(ntok)
+        [cgutils.alloca_once_value(builder, ir.Constant(v32, None)) for _ in range(n_acc)]
+        for _ in range(ntok)
     ]
     accs = [lane[0] for lane in lanes]
     # Without VNNI, the int16 sums of up to `block` chunks are widened at once (no lane can overflow, BLOCK16):
@@ -270,7 +271,9 @@ def _emit_span(builder, isa, kind, rowp, plane_ptrs, o, e, long=True):
                 for a in range(n_acc):
                     acc = lanes[n][a]
                     mine = slice(a, None, n_acc)
-                    builder.store(_madd_chunk(builder, isa, width, builder.load(acc), codes[mine], xs[n][mine]), acc)
+                    builder.store(
+                        _madd_chunk(builder, isa, width, builder.load(acc), codes[mine], xs[n][mine]), acc
+                    )
             return
         p16 = [cgutils.alloca_once_value(builder, ir.Constant(v16, None)) for _ in range(ntok)]
         for n in range(ntok):
@@ -292,7 +295,9 @@ def _emit_span(builder, isa, kind, rowp, plane_ptrs, o, e, long=True):
             first = builder.mul(outer.index, const(block))
             left = builder.sub(n_chunks, first)
             run_block(first, builder.select(builder.icmp_signed("<", left, const(block)), left, const(block)))
-        return _emit_tail(builder, isa, kind, rowp, plane_ptrs, o, e, _fold(builder, lanes), n_chunks, products)
+        return _emit_tail(
+            builder, isa, kind, rowp, plane_ptrs, o, e, _fold(builder, lanes), n_chunks, products
+        )
     n_blocks = builder.udiv(n_chunks, const(block))
     with cgutils.for_range(builder, n_blocks) as outer:
         run_block(builder.mul(outer.index, const(block)), const(block))

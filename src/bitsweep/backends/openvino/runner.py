@@ -2,8 +2,9 @@
 
 Left to its defaults the plugin infers in bf16 on CPUs with AMX, keeps the KV cache in u8, and on CPUs with VNNI
 or AMX quantizes the activations of compressed-weight MatMuls to int8 in groups of 32 ("dynamic quantization"):
-all three depend on the host (INT8_ASYM SmolLM2 read KLD 0.0065 on one CI host, 0.0036 on another) and none is
-the weight format under study, so all three are pinned off here and read back into each result.
+the first and the last depend on the host (INT8_ASYM SmolLM2 read KLD 0.0065 on a CI host, 0.0036 on others) and
+none of the three is the weight format under study, so all three are pinned off here and each result records the
+settings as the compiled model reports them.
 
 The IR's inputs: input_ids, attention_mask, position_ids (int64, [1, n]) and beam_idx (int32, [1]); output:
 logits [1, n, V]. The KV cache is the model's state, reset before each window.
@@ -18,15 +19,18 @@ import numpy as np
 from bitsweep.backends.base import BaseRunner
 
 MODEL_XML = "openvino_model.xml"
+PINNED = {
+    "INFERENCE_PRECISION_HINT": "f32",
+    "KV_CACHE_PRECISION": "f32",
+    "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0,
+}
 
 
 def compile_model(xml: str | Path, threads: int):
     import openvino as ov
 
-    return ov.Core().compile_model(str(xml), "CPU", {**PINNED, "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1})
-
-
-PINNED = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}
+    config = {**PINNED, "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1}
+    return ov.Core().compile_model(str(xml), "CPU", config)
 
 
 def stateful_inputs(ids: np.ndarray, past: int = 0) -> dict[str, np.ndarray]:
@@ -64,7 +68,8 @@ class Runner(BaseRunner):
 
     def scoring_info(self) -> dict[str, str | float]:
         """The pinned plugin settings as the compiled model reports them."""
-        return {f"openvino_{key.lower()}": str(self.compiled.get_property(key)) for key in PINNED}
+        values = {key: self.compiled.get_property(key) for key in PINNED}  # precisions as ov.Type
+        return {f"openvino_{key.lower()}": getattr(v, "to_string", v.__str__)() for key, v in values.items()}
 
     def close(self) -> None:
         del self.request, self.compiled
