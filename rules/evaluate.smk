@@ -1,5 +1,6 @@
 # Evaluations take the `timing` resource (profiles set it to 1): token/s figures are only comparable when
-# no other evaluation shares the machine's cores and memory bandwidth.
+# no other evaluation shares the machine's cores and memory bandwidth. Within a job, the timed section also waits
+# for every other job on the machine (bitsweep.quiet: quantizations and conversions too).
 
 
 rule tokenize_eval:

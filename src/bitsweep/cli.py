@@ -108,4 +108,7 @@ def run_named(argv: list[str]) -> Any:
     if not argv or argv[0] not in names:
         print(f"usage: run_stage.py STAGE [--help]; stages: {', '.join(names)}", file=sys.stderr)
         sys.exit(2)
-    return run(getattr(stages, argv[0]), argv[1:])
+    from bitsweep.quiet import job
+
+    with job():  # evaluations time generation with the machine to themselves (bitsweep.quiet)
+        return run(getattr(stages, argv[0]), argv[1:])

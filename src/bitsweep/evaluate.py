@@ -154,21 +154,24 @@ class MachineLoad:
 def measure_speed(runner: Runner, windows: Windows, cfg: EvalConfig) -> dict[str, Any]:
     """Prompt processing and greedy generation tokens/s, one warm-up, then ``repeats`` timed runs, under the
     configured protocol (:class:`bitsweep.config.SpeedConfig`), with their spread and the machine's load."""
+    from bitsweep.quiet import alone
+
     speed = cfg.speed
     prompt = windows.ids[0][: speed.prompt_tokens]
-    runner.generate(prompt[: min(len(prompt), 16)], min(4, speed.gen_tokens))  # warm-up: caches, thread pools
     pp, tg = [], []
-    with MachineLoad() as load:
-        for _ in range(speed.repeats):
-            if speed.protocol == "llama-bench":  # pp512 and tg128, each from an empty cache
-                prompt_s, _ = runner.generate(prompt, 0)
-                _, gen_s = runner.generate(prompt[:1], speed.gen_tokens)
-            else:
-                prompt_s, gen_s = runner.generate(prompt, speed.gen_tokens)
-            pp.append(len(prompt) / prompt_s)
-            tg.append(speed.gen_tokens / gen_s)
+    with alone() as waited:  # the other jobs on this machine end first, new ones wait (bitsweep.quiet)
+        runner.generate(prompt[: min(len(prompt), 16)], min(4, speed.gen_tokens))  # warm-up: caches, threads
+        with MachineLoad() as load:
+            for _ in range(speed.repeats):
+                if speed.protocol == "llama-bench":  # pp512 and tg128, each from an empty cache
+                    prompt_s, _ = runner.generate(prompt, 0)
+                    _, gen_s = runner.generate(prompt[:1], speed.gen_tokens)
+                else:
+                    prompt_s, gen_s = runner.generate(prompt, speed.gen_tokens)
+                pp.append(len(prompt) / prompt_s)
+                tg.append(speed.gen_tokens / gen_s)
     centre = statistics.mean if speed.protocol == "llama-bench" else statistics.median
-    out: dict[str, Any] = {"threads": cfg.threads, "speed_protocol": speed.protocol}
+    out: dict[str, Any] = {"threads": cfg.threads, "speed_protocol": speed.protocol} | waited
     for key, values in (("pp_tok_s", pp), ("tg_tok_s", tg)):
         out |= {key: centre(values), f"{key}_min": min(values), f"{key}_max": max(values),
                 f"{key}_sd": statistics.stdev(values)}  # fmt: skip
