@@ -242,3 +242,19 @@ def test_linear_quantization_makes_onnxruntimes_own_models(tiny_onnx, tmp_path, 
         monkeypatch.setattr(module, "linear_quantization", contextlib.nullcontext)
     runs.append(models())
     assert runs[0] == runs[1]
+
+
+def test_linear_rewriter_makes_olives_own_models(tiny_onnx, tmp_path, monkeypatch):
+    """bitsweep.backends.ort_linear.linear_rewriter (onnxscript's multi-output pattern matching without its walk
+    over the whole graph per node): Olive's peephole + RTN output is byte-identical to onnxscript's own."""
+    import contextlib
+
+    from bitsweep.backends import ort_linear
+    from bitsweep.backends.olive import quantize as olive_quantize
+
+    with ort_linear.linear_rewriter() as active:
+        assert active
+    made = [quantize("olive", tiny_onnx, tmp_path, "ours", 4, format="RTN_INT4", block_size=32)]
+    monkeypatch.setattr(olive_quantize, "linear_rewriter", contextlib.nullcontext)
+    made.append(quantize("olive", tiny_onnx, tmp_path, "theirs", 4, format="RTN_INT4", block_size=32))
+    assert made[0].model_file.read_bytes() == made[1].model_file.read_bytes()

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 from bitsweep.backends.base import Applied, QuantizeRequest
 from bitsweep.backends.onnx_family import MODEL_ONNX, OnnxQuantizer, prepared_source, save_model
+from bitsweep.backends.ort_linear import linear_rewriter
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,8 @@ class Quantizer(OnnxQuantizer):
         passes = [p["type"] for p in config["passes"].values()]  # olive_run rewrites config in place
         work.mkdir(parents=True, exist_ok=True)
         (work / "workflow.json").write_text(json.dumps(config, indent=2))
-        olive_run(config)
+        with linear_rewriter():  # the peephole pass's pattern matching, without its quadratic walk
+            olive_run(config)
         produced = sorted((work / "output").rglob("*.onnx"))
         if not produced:  # olive.workflows.run logs a failed pass and returns; it does not raise
             raise RuntimeError(f"Olive produced no model; see the log and {work / 'workflow.json'}")
