@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from bitsweep.backends.bitnet.export import compare_logits, cross_check_llamacpp
+from bitsweep.backends.bitnet.export import compare_logits, cross_check_llamacpp, export_gguf
 from bitsweep.backends.bitnet.quantize import load_packed
 from bitsweep.backends.bitnet.runner import Runner as BitnetRunner
 from bitsweep.config import SchemeConfig
@@ -91,6 +91,44 @@ def test_runner_computes_the_dequantized_model(tiny_model_dir, tmp_path):
     assert prompt_s > 0 and gen_s > 0
 
 
+def test_a_packed_tied_head_is_the_embedding_and_the_head(tiny_model_dir, tmp_path):
+    """Option head: the tied embedding/head is stored once, packed (no float copy left), and the model computes
+    exactly torch's model with that dequantized matrix as both its embedding and its head (fp32 activations)."""
+    from transformers import AutoModelForCausalLM
+
+    artifact = quantize(tiny_model_dir, tmp_path, "h", 4, format="int4", group_size=64, act="fp32", head="int4",
+                        head_group_size=64)  # fmt: skip
+    packed, kept, info = load_packed(artifact.path)
+    assert info["tied_head"] and "model.embed_tokens.weight" not in kept
+    head = packed["lm_head"]
+    assert (head.fmt.name, head.group, head.n_rows) == ("int4", 64, 49152)
+    applied = artifact.meta["applied"]
+    assert (
+        applied["n_packed_tensors"] == 15 and applied["head"] == "int4" and applied["head_group_size"] == 64
+    )
+    assert applied["packed_bpw"] == pytest.approx(
+        4.5, abs=0.01
+    )  # the block weights' own figure, head excluded
+    float_head = quantize(tiny_model_dir, tmp_path, "f", 4, format="int4", group_size=64, act="fp32")
+    assert artifact.model_file.stat().st_size < 0.6 * float_head.model_file.stat().st_size
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    state = model.state_dict()
+    for module, pm in packed.items():
+        state[f"{module}.weight"] = torch.from_numpy(dequantize(pm).copy())
+    state["model.embed_tokens.weight"] = state["lm_head.weight"]
+    model.load_state_dict(state)
+    runner = BitnetRunner(artifact.path, threads=2, n_ctx=128)
+    assert type(runner.model.get_input_embeddings()).__name__ == "PackedEmbedding"
+    ids = np.random.default_rng(2).integers(0, 49152, 40)
+    for n in (1, 8, 40):  # one token (generation), the packed kernels, decode + sgemm
+        with torch.inference_mode():
+            want = model(torch.as_tensor(ids[None, :n])).logits[0].numpy()
+        np.testing.assert_allclose(runner.logits(ids[:n]), want, atol=2e-4, rtol=1e-4)
+    with pytest.raises(ConfigError, match="head: float"):
+        export_gguf(artifact.path, tmp_path / "f32.gguf", tmp_path / "none.gguf")  # checked before reading it
+
+
 def test_int8_activations_cost_little_on_a_4_bit_model(tiny_model_dir, tmp_path):
     fp32 = BitnetRunner(quantize(tiny_model_dir, tmp_path, "a", 4, format="int4", act="fp32").path, 2)
     int8 = BitnetRunner(quantize(tiny_model_dir, tmp_path, "b", 4, format="int4", act="int8").path, 2)
@@ -108,6 +146,12 @@ def test_bad_options_fail_before_any_work(tiny_model_dir, tmp_path):
         quantize(tiny_model_dir, tmp_path, "act", 4, format="int4", act="int4")
     with pytest.raises(ConfigError, match="multiple of 64"):
         quantize(tiny_model_dir, tmp_path, "grp", 4, format="int4", group_size=48)
+    with pytest.raises(
+        ConfigError, match=r"unknown bitnet head format \(option head\) 'int5'; known: binary, float, int2"
+    ):
+        SchemeConfig("bitnet", "x", 4, {"format": "int4", "head": "int5"})
+    with pytest.raises(ConfigError, match="head_group_size needs a packed head"):
+        SchemeConfig("bitnet", "x", 4, {"format": "int4", "head_group_size": 64})
 
 
 def test_layer_patterns_select_modules(tiny_model_dir, tmp_path):

@@ -4,13 +4,28 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from bitsweep.backends.base import HF_FORMAT, BackendInfo, BackendSettings, Footprint
+from bitsweep.errors import ConfigError
 
 # bitsweep's own packed formats (bitsweep.kernels.formats) and their bit class: the ternary layouts sit where
 # llama.cpp puts TQ2_0 (2) and TQ1_0 (1).
 BITNET_FORMATS: dict[str, int] = {"TQ2_0": 2, "TQ1_0": 1, "BINARY": 1, "INT2": 2, "INT3": 3, "INT4": 4}
 
-INFO = BackendInfo(
+
+class BitnetInfo(BackendInfo):
+    def check_options(self, where: str, options: dict[str, Any]) -> None:
+        """The scheme's options as the quantizer reads them (activation mode, head format, ...), at config time."""
+        from bitsweep.backends.bitnet.quantize import scheme_settings
+
+        try:
+            scheme_settings(options)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+
+
+INFO = BitnetInfo(
     # peak memory (bitsweep.planning): the fp32 torch model is built before its linears are packed
     quantize_footprint=Footprint(400, 8.0),
     evaluate_footprint=Footprint(700, 8.0),
@@ -20,7 +35,9 @@ INFO = BackendInfo(
     source_format=HF_FORMAT,
     type_key="format",
     type_bits=BITNET_FORMATS,
-    options=frozenset({"format", "scale", "group_size", "layers", "act", "keep_dtype"}),
+    options=frozenset(
+        {"format", "scale", "group_size", "layers", "act", "keep_dtype", "head", "head_group_size"}
+    ),
     # Same numbers on every x86 host: int8 activation rounding turns a last-bit difference in the float parts
     # (torch's attention, norms and softmax) into a different code, and on SmolLM2 int4_g64 into logits up to 4
     # apart (measured here: torch's AVX2 kernels vs its baseline ones). Torch's vector kernels, MKL's GEMMs and

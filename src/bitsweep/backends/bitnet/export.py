@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from bitsweep.backends.bitnet.quantize import load_packed
+from bitsweep.backends.bitnet.quantize import HEAD, load_packed
 from bitsweep.errors import ConfigError
 
 
@@ -44,6 +44,10 @@ def export_gguf(artifact_dir: Path, f32_gguf: Path, out: Path) -> dict[str, Any]
     from bitsweep.kernels.formats import GGUF_TYPE_NAMES, dequantize, quantize
 
     packed, _, info = load_packed(artifact_dir)
+    if HEAD in packed:
+        raise ConfigError(
+            "GGUF export keeps the LM head as llama.cpp converted it: export a scheme with head: float"
+        )
     if info["format"] not in GGUF_TYPE_NAMES:
         raise ConfigError(f"GGUF export needs a ternary format (tq2_0, tq1_0), not {info['format']}")
     config = json.loads((artifact_dir / "config.json").read_text())

@@ -1,10 +1,15 @@
 """Quantize: the reference safetensors are read as NumPy arrays; every 2-D weight whose module name ends in one of
 ``layers`` (default: the projections of each decoder block, separate or fused) is packed with
 bitsweep.kernels.formats (ternary TQ2_0/TQ1_0 layouts with BitNet's absmean scale by default, binary,
-int2/3/4); everything else (embeddings, norms, a separate lm_head) stays as it is (``keep_dtype``). One ``model.safetensors`` holds both,
-so its size is the variant's size. Post-training ternarisation of a model that was not trained ternary scores
-badly: that is the finding, not a bug. A natively ternary checkpoint (BitNet b1.58 from the hub) packs without
-loss.
+int2/3/4); everything else (embeddings, norms, a separate lm_head) stays as it is (``keep_dtype``). One
+``model.safetensors`` holds both, so its size is the variant's size.
+
+Option ``head`` (a format name; default ``float``) packs the LM head too, as llama.cpp's own TQ1_0/TQ2_0
+quantization does (it stores the embedding/head in Q4_K): on a model with a tied head the one packed matrix serves
+both, the embedding looking up dequantized rows (bitnet.runner.packed_embedding).
+
+Post-training ternarisation of a model that was not trained ternary scores badly: that is the finding, not a bug.
+A natively ternary checkpoint (BitNet b1.58 from the hub) packs without loss.
 """
 
 from __future__ import annotations
@@ -28,11 +33,12 @@ DEFAULT_LAYERS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj
                   "down_proj")  # fmt: skip
 PACKED_JSON = "packed.json"
 MODEL_FILE = "model.safetensors"
+HEAD = "lm_head"
 
 
 def scheme_settings(options: dict[str, Any]) -> dict[str, Any]:
-    """The scheme's options with defaults: format, scale, group_size, layers, act."""
-    from bitsweep.kernels.formats import ACT_MODES, get_format
+    """The scheme's options with defaults: format, scale, group_size, layers, act, keep_dtype, head."""
+    from bitsweep.kernels.formats import ACT_MODES, FORMATS, get_format
 
     fmt = get_format(str(options.get("format", "tq2_0")).lower())
     out = {
@@ -43,7 +49,18 @@ def scheme_settings(options: dict[str, Any]) -> dict[str, Any]:
         "act": options.get("act", "int8"),
         # 2-D tensors left unpacked (embeddings, a separate lm_head); 1-D ones (norms) always stay fp32
         "keep_dtype": options.get("keep_dtype", "float16"),
+        # the LM head: kept float, or packed in one of the formats (int4 groups of 64 ~ llama.cpp's Q4_K head)
+        "head": str(options.get("head", "float")).lower(),
     }
+    if out["head"] != "float":
+        if out["head"] not in FORMATS:
+            raise unknown("bitnet head format (option head)", out["head"], ["float", *FORMATS])
+        head_fmt = FORMATS[out["head"]]
+        out["head_group_size"] = head_fmt.check_group(
+            int(options.get("head_group_size", head_fmt.default_group))
+        )
+    elif "head_group_size" in options:
+        raise ConfigError("bitnet option head_group_size needs a packed head (option head: int4, ...)")
     if out["keep_dtype"] not in ("float16", "float32"):
         raise ConfigError(f"bitnet option keep_dtype must be float16 or float32, got {out['keep_dtype']!r}")
     if out["act"] not in ACT_MODES:
@@ -64,11 +81,31 @@ def _selected(name: str, array: np.ndarray, layers: list[str]) -> bool:
     )
 
 
+def head_tensor(tensors: dict[str, np.ndarray]) -> tuple[str, bool]:
+    """The LM head's weight in a state dict and whether it is tied (the input embedding, which then stands in
+    for it: transformers saves a tied head once, as the embedding)."""
+    if f"{HEAD}.weight" in tensors:
+        return f"{HEAD}.weight", False
+    embeddings = [name for name in tensors if name.endswith("embed_tokens.weight")]
+    if len(embeddings) != 1:
+        raise ConfigError(
+            f"no lm_head.weight and {len(embeddings)} embed_tokens weights: cannot find the LM head"
+        )
+    return embeddings[0], True
+
+
 def pack_state_dict(tensors: dict[str, np.ndarray], settings: dict[str, Any]):
     """Split a state dict into packed matrices (by module name) and the tensors kept as they are."""
     from bitsweep.kernels.formats import quantize
 
     packed, kept = {}, {}
+    if settings["head"] != "float":
+        name, _ = head_tensor(tensors)
+        tensors = dict(tensors)
+        # group min/max (affine formats) or per-group absmax (sign-scaled ones): the head has no absmean rule
+        packed[HEAD] = quantize(
+            tensors.pop(name).astype(np.float32), settings["head"], settings["head_group_size"]
+        )
     for name, array in tensors.items():
         if _selected(name, array, settings["layers"]):
             # `scale` is the rule of the sign-scaled formats; the affine ones always use each group's min/max
@@ -79,7 +116,7 @@ def pack_state_dict(tensors: dict[str, np.ndarray], settings: dict[str, Any]):
             kept[name] = array.astype(settings["keep_dtype"])
         else:
             kept[name] = array
-    if not packed:
+    if not set(packed) - {HEAD}:
         raise ConfigError(
             f"no 2-D weights match layers {settings['layers']}; check the bitnet option 'layers'"
         )
@@ -90,7 +127,7 @@ def _save(packed, kept, out: Path) -> None:
     from safetensors.numpy import save_file
 
     arrays = dict(kept)
-    for module, pm in packed.items():
+    for module, pm in packed.items():  # the head's fmt and group are in packed.json
         arrays[f"{module}.qs"] = pm.qs
         arrays[f"{module}.d"] = pm.d
         if pm.m is not None:
@@ -109,7 +146,7 @@ def load_packed(path: Path):
     packed = {}
     for module, spec in info["tensors"].items():
         packed[module] = PackedMatrix(
-            get_format(info["format"]), info["group_size"], spec["k"],
+            get_format(spec.get("format", info["format"])), spec.get("group_size", info["group_size"]), spec["k"],
             arrays.pop(f"{module}.qs"), arrays.pop(f"{module}.d"), arrays.pop(f"{module}.m", None),
         )  # fmt: skip
     return packed, arrays, info
@@ -138,16 +175,22 @@ class Quantizer(BaseQuantizer):
         for file in files:
             tensors |= load_file(str(file))
         packed, kept = pack_state_dict(tensors, settings)
+        tied = settings["head"] != "float" and head_tensor(tensors)[1]
         out = Path(request.out)
         _save(packed, kept, out)
         copy_side_files(src, out)
         packed_params = sum(pm.n_rows * pm.k for pm in packed.values())
         n_params = sum(a.size for a in kept.values()) + packed_params
-        packed_bytes = sum(pm.nbytes for pm in packed.values())
+        body = {m: pm for m, pm in packed.items() if m != HEAD}  # the block weights in the scheme's format
+        packed_bytes = sum(pm.nbytes for pm in body.values())
+        body_params = sum(pm.n_rows * pm.k for pm in body.values())
         padded = {m: [pm.k, pm.k_padded] for m, pm in packed.items() if pm.k_padded != pm.k}
         (out / PACKED_JSON).write_text(json.dumps({
             **settings,
-            "tensors": {m: {"shape": [pm.n_rows, pm.k], "k_padded": pm.k_padded, "k": pm.k} for m, pm in packed.items()},
+            "tensors": {m: {"shape": [pm.n_rows, pm.k], "k_padded": pm.k_padded, "k": pm.k}
+                        | ({"format": pm.fmt.name, "group_size": pm.group} if m == HEAD else {})
+                        for m, pm in packed.items()},
+            "tied_head": tied,  # the packed head is the input embedding too
         }, indent=1))  # fmt: skip
         file_bytes = (out / MODEL_FILE).stat().st_size
         applied = {
@@ -157,8 +200,8 @@ class Quantizer(BaseQuantizer):
             "packed_params": packed_params,
             "bpw": 8 * file_bytes / n_params,
             # bits per weight of the packed layers alone, padding included
-            "packed_bpw": 8 * packed_bytes / packed_params,
-            "nominal_bpw": packed[next(iter(packed))].fmt.bpw(settings["group_size"]),
+            "packed_bpw": 8 * packed_bytes / body_params,
+            "nominal_bpw": next(iter(body.values())).fmt.bpw(settings["group_size"]),
             "padded_tensors": len(padded),
             "padding_example": next(iter(padded.items()), None),
         }

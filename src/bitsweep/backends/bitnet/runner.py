@@ -1,6 +1,7 @@
 """Run: transformers builds the architecture from ``config.json``; each packed Linear becomes a
 :class:`PackedLinear` whose forward quantizes activations per token (int8 absmax, BitNet) or keeps them fp32, and
-calls bitsweep.kernels.fast. Everything else (attention, norms, lm_head) is torch fp32.
+calls bitsweep.kernels.fast. Everything else (attention, norms, an unpacked lm_head) is torch fp32. A packed tied
+head (option ``head``) is also the input embedding: :class:`PackedEmbedding` looks up dequantized rows.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from bitsweep.backends.base import BaseRunner
-from bitsweep.backends.bitnet.quantize import load_packed
+from bitsweep.backends.bitnet.quantize import HEAD, load_packed
 from bitsweep.backends.torch_ref import TorchRunner
 from bitsweep.errors import ConfigError
 
@@ -64,6 +65,30 @@ def packed_linear_class():
     return PackedLinear
 
 
+def packed_embedding(pm, like):
+    """An embedding module whose table is the packed matrix ``pm`` (rows dequantized on lookup), standing in for
+    ``like`` (nn.Embedding, or Gemma 3's scaled one: its ``embed_scale`` is applied as there)."""
+    import torch
+
+    from bitsweep.kernels.formats import PackedMatrix, dequantize
+
+    class PackedEmbedding(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pm = pm
+            self.embed_scale = getattr(like, "embed_scale", None)
+
+        def forward(self, ids):
+            flat = ids.reshape(-1).numpy()
+            rows = PackedMatrix(
+                pm.fmt, pm.group, pm.k, pm.qs[flat], pm.d[flat], None if pm.m is None else pm.m[flat]
+            )
+            out = torch.from_numpy(dequantize(rows)).reshape(*ids.shape, pm.k)
+            return out if self.embed_scale is None else out * self.embed_scale.to(out.dtype)
+
+    return PackedEmbedding()
+
+
 def build_model(path: Path, act: str | None = None):
     """The transformers model of a bitnet artifact, its packed Linear layers replaced by PackedLinear.
 
@@ -77,6 +102,11 @@ def build_model(path: Path, act: str | None = None):
 
     packed, kept, info = load_packed(path)
     config = AutoConfig.from_pretrained(path)
+    tied_head = bool(info.get("tied_head"))
+    if tied_head:  # two modules share the packed matrix instead of one float parameter
+        config.tie_word_embeddings = False
+        if hasattr(config, "get_text_config"):
+            config.get_text_config().tie_word_embeddings = False
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     PackedLinear = packed_linear_class()
@@ -86,6 +116,8 @@ def build_model(path: Path, act: str | None = None):
         bias = kept.pop(f"{module}.bias", None)
         linear = PackedLinear(pm, None if bias is None else torch.from_numpy(bias), act or info["act"])
         setattr(parent, child, linear)
+    if tied_head:
+        model.set_input_embeddings(packed_embedding(packed[HEAD], model.get_input_embeddings()))
     state = {name: torch.from_numpy(array.astype(np.float32)) for name, array in kept.items()}
     _, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if unexpected:
