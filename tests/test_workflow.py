@@ -306,46 +306,6 @@ def test_bad_input_stops_before_any_job(sweep, overrides, message):
     assert SECRETS["HF_TOKEN"] not in proc.stderr + proc.stdout
 
 
-@pytest.mark.slurm
-def test_slurm_run_matches_the_local_run(sweep, tmp_path):
-    """A real one-node SLURM cluster (scripts/slurm_local.sh: slurm-wlm + munge from apt) runs the reference and a
-    llama.cpp variant's evaluation again (the smoke sweep's downloads and artifacts reused) through the Snakemake
-    SLURM executor (profiles/slurm-local); every job really went through SLURM and the numbers equal the local
-    run's."""
-    if os.geteuid() != 0 or not (shutil.which("apt-get") or shutil.which("slurmctld")):
-        pytest.skip("the local SLURM cluster needs root and apt-get (CI has both)")
-    workdir = reusing_copy(sweep, tmp_path / "slurm-run")
-    cluster = [str(ROOT / "scripts" / "slurm_local.sh")]
-    start = subprocess.run(["bash", *cluster, "start"], capture_output=True, text=True, check=False)
-    assert start.returncode == 0, start.stderr[-2000:]
-    try:
-        cmd = [
-            str(Path(sys.executable).parent / "snakemake"),
-            "--profile",
-            "profiles/slurm-local",
-            "--forcerun",
-            "evaluate_reference",
-            "--config",
-            "experiment=smoke",
-            "overrides=" + json.dumps(["sweep.llamacpp=[q8_0]", *ONLY_LLAMACPP, "report.screenshot=false"]),
-        ]
-        proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, check=False)  # fmt: skip
-        out = proc.stdout + proc.stderr
-        assert proc.returncode == 0, out[-4000:]
-    finally:
-        subprocess.run(["bash", *cluster, "stop"], capture_output=True, check=False)
-    jobs = job_counts(out)
-    assert jobs["evaluate_reference"] == jobs["evaluate"] == "1", jobs
-    submitted = re.findall(r"has been submitted with SLURM jobid (\d+)", out)
-    assert len(submitted) == int(jobs["total"]) - 1, out[-3000:]  # every job but the local `all`
-    assert len(list((workdir / ".snakemake" / "slurm_logs").rglob("*.log"))) == len(submitted)
-    local, remote = results(sweep), results(workdir)
-    for key in ("reference/fp32", "llamacpp/q8_0"):
-        assert remote[key]["evaluated"] != local[key]["evaluated"], key  # evaluated again, on the cluster
-        for metric in ("ppl", "kld", "top1", "size_bytes", "bpw"):
-            assert remote[key]["metrics"][metric] == local[key]["metrics"][metric], (key, metric)
-
-
 def finished_job(workdir: Path, output: Path) -> bool:
     """The output exists and Snakemake recorded its job as finished (no incomplete marker left for it)."""
     import base64
@@ -621,3 +581,46 @@ def test_two_models_each_with_its_own_tokenizer_windows_and_reference(sweep, tmp
             [info["experiment_id"]], f"tags.`bitsweep.model` = '{model}'"
         )
         assert len(runs) == n_runs, (model, [r.info.run_name for r in runs])
+
+
+# Last in the session on purpose: once SLURM's client tools are installed (this test installs them), every later
+# `snakemake` command pays ~10 s: snakemake-executor-plugin-slurm 2.8 builds its --help text at import by running
+# `scontrol show config`, which waits its 10 s timeout for a controller that is no longer running.
+@pytest.mark.slurm
+def test_slurm_run_matches_the_local_run(sweep, tmp_path):
+    """A real one-node SLURM cluster (scripts/slurm_local.sh: slurm-wlm + munge from apt) runs the reference and a
+    llama.cpp variant's evaluation again (the smoke sweep's downloads and artifacts reused) through the Snakemake
+    SLURM executor (profiles/slurm-local); every job really went through SLURM and the numbers equal the local
+    run's."""
+    if os.geteuid() != 0 or not (shutil.which("apt-get") or shutil.which("slurmctld")):
+        pytest.skip("the local SLURM cluster needs root and apt-get (CI has both)")
+    workdir = reusing_copy(sweep, tmp_path / "slurm-run")
+    cluster = [str(ROOT / "scripts" / "slurm_local.sh")]
+    start = subprocess.run(["bash", *cluster, "start"], capture_output=True, text=True, check=False)
+    assert start.returncode == 0, start.stderr[-2000:]
+    try:
+        cmd = [
+            str(Path(sys.executable).parent / "snakemake"),
+            "--profile",
+            "profiles/slurm-local",
+            "--forcerun",
+            "evaluate_reference",
+            "--config",
+            "experiment=smoke",
+            "overrides=" + json.dumps(["sweep.llamacpp=[q8_0]", *ONLY_LLAMACPP, "report.screenshot=false"]),
+        ]
+        proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, check=False)  # fmt: skip
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out[-4000:]
+    finally:
+        subprocess.run(["bash", *cluster, "stop"], capture_output=True, check=False)
+    jobs = job_counts(out)
+    assert jobs["evaluate_reference"] == jobs["evaluate"] == "1", jobs
+    submitted = re.findall(r"has been submitted with SLURM jobid (\d+)", out)
+    assert len(submitted) == int(jobs["total"]) - 1, out[-3000:]  # every job but the local `all`
+    assert len(list((workdir / ".snakemake" / "slurm_logs").rglob("*.log"))) == len(submitted)
+    local, remote = results(sweep), results(workdir)
+    for key in ("reference/fp32", "llamacpp/q8_0"):
+        assert remote[key]["evaluated"] != local[key]["evaluated"], key  # evaluated again, on the cluster
+        for metric in ("ppl", "kld", "top1", "size_bytes", "bpw"):
+            assert remote[key]["metrics"][metric] == local[key]["metrics"][metric], (key, metric)

@@ -51,12 +51,23 @@ class TorchRunner(BaseRunner):
         return out.logits[0].float().numpy()
 
     def _forward(self, ids: np.ndarray, past) -> np.ndarray:
+        """The next token's logits: the LM head runs on the last position only, as a deployment's prefill does
+        (and llama-bench's), not on every prompt position."""
         torch = self.torch
         with torch.inference_mode():
             out = self.model(torch.as_tensor(np.asarray(ids)[None], dtype=torch.long), past_key_values=past,
-                             use_cache=True)  # fmt: skip
+                             use_cache=True, **self._last_position_only())  # fmt: skip
         self.past = out.past_key_values
         return out.logits[0, -1].float().numpy()
+
+    def _last_position_only(self) -> dict[str, int]:
+        """transformers' ``logits_to_keep=1`` where the architecture's forward takes it (remote code may not)."""
+        if not hasattr(self, "_keep"):
+            import inspect
+
+            takes = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+            self._keep = {"logits_to_keep": 1} if takes else {}
+        return self._keep
 
     def _prefill(self, prompt: np.ndarray) -> np.ndarray:
         return self._forward(prompt, None)
