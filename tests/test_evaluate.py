@@ -96,6 +96,19 @@ class Shifted(TorchRunner):
         return logits
 
 
+def test_the_timed_prefill_runs_the_head_on_the_last_position_only(tiny_model_dir):
+    """As a deployment (and llama-bench) does: the LM head sees one position when a prompt is prefilled, and its
+    logits are the last row of the all-position scoring forward's."""
+    ids = np.arange(100, 140)
+    with TorchRunner(tiny_model_dir, 2) as runner:
+        seen = []
+        runner.model.lm_head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape[1]))
+        last = runner._prefill(ids)
+        assert seen == [1]
+        np.testing.assert_allclose(last, runner.logits(ids)[-1], atol=1e-4, rtol=1e-4)
+        assert seen == [1, len(ids)]  # scoring still computes every position
+
+
 def test_greedy_continuations_follow_the_reference_until_they_differ(tiny_model_dir, windows, tmp_path):
     from bitsweep.config import AgreementConfig, SpeedConfig
     from bitsweep.evaluate import evaluate_runner
