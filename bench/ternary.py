@@ -77,9 +77,8 @@ def prepare(work: Path, args) -> dict:
         )
         artifacts[name] = get_quantizer("bitnet").quantize(request)
     exported = export_gguf(artifacts["tq2_0"].path, work / "f32.gguf", work / "tq2_0.gguf")
-    native = (
-        work / "tq2_0-llamacpp.gguf"
-    )  # llama.cpp's own TQ2_0 quantization: Q4_K token_embd (the tied head)
+    # llama.cpp's own TQ2_0 quantization: Q4_K token_embd (the tied head)
+    native = work / "tq2_0-llamacpp.gguf"
     subprocess.run([str(tool_path("llama-quantize")), str(work / "f32.gguf"), str(native), "TQ2_0"],
                    env=tool_env(), check=True, capture_output=True)  # fmt: skip
     return {"hf": hf, "artifact": artifacts["tq2_0"].path, "artifact_head": artifacts["tq2_0_head_int4"].path,

@@ -106,9 +106,8 @@ def test_a_packed_tied_head_is_the_embedding_and_the_head(tiny_model_dir, tmp_pa
     assert (
         applied["n_packed_tensors"] == 15 and applied["head"] == "int4" and applied["head_group_size"] == 64
     )
-    assert applied["packed_bpw"] == pytest.approx(
-        4.5, abs=0.01
-    )  # the block weights' own figure, head excluded
+    # the block weights' own figure, head excluded
+    assert applied["packed_bpw"] == pytest.approx(4.5, abs=0.01)
     float_head = quantize(tiny_model_dir, tmp_path, "f", 4, format="int4", group_size=64, act="fp32")
     assert artifact.model_file.stat().st_size < 0.6 * float_head.model_file.stat().st_size
 

@@ -175,7 +175,7 @@ class Quantizer(BaseQuantizer):
         for file in files:
             tensors |= load_file(str(file))
         packed, kept = pack_state_dict(tensors, settings)
-        tied = settings["head"] != "float" and head_tensor(tensors)[1]
+        tied = HEAD in packed and f"{HEAD}.weight" not in tensors  # packed from the embedding (head_tensor)
         out = Path(request.out)
         _save(packed, kept, out)
         copy_side_files(src, out)
