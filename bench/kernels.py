@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
 from bitsweep.kernels import fast, simd  # noqa: E402
-from bitsweep.kernels.formats import PackedMatrix, prepare_activations, quantize  # noqa: E402
+from bitsweep.kernels.formats import PackedMatrix, prepare_activations, quantize, uniform_row_scales  # noqa: E402
 # isort: on
 
 FORMATS = ["tq2_0", "tq1_0", "binary", "int2", "int3", "int4"]
@@ -165,6 +165,23 @@ def replicate(pm: PackedMatrix, n: int) -> list[PackedMatrix]:
     return copies
 
 
+def batched_groups(pm: PackedMatrix, acts) -> bool:
+    """Whether the kernels sum ``pm``'s groups in batches here (per-group scales on a SIMD path)."""
+    bpg = pm.fmt.bytes_per_group(pm.group)
+    return (
+        fast.current_isa() != "portable" and not uniform_row_scales(pm, acts)
+        and simd.batched_groups(fast.current_isa(), simd.KIND[pm.fmt.fmt_id], bpg)
+    )  # fmt: skip
+
+
+def per_group_spans(pm: PackedMatrix, acts) -> np.ndarray:
+    previous = fast.set_group_batches(False)
+    try:
+        return fast.gemm_prepared(pm, acts)
+    finally:
+        fast.set_group_batches(previous)
+
+
 def bench_cell(k, batch, threads, weights, args, bandwidth):
     """Time every candidate for one (shape, batch, threads) cell, interleaved."""
     rng = np.random.default_rng(1)
@@ -184,6 +201,12 @@ def bench_cell(k, batch, threads, weights, args, bandwidth):
         copies = weights[name]
         acts = prepare_activations(x, copies[0].k_padded, copies[0].group)
         cands[name] = (lambda i, c=copies, a=acts: fast.gemm_prepared(c[i % len(c)], a), copies[0].nbytes)
+        if batched_groups(copies[0], acts):
+            # the same kernel summing one span per group (the path before batching), in the same loop
+            cands[f"{name}_group_spans"] = (
+                lambda i, c=copies, a=acts: per_group_spans(c[i % len(c)], a),
+                copies[0].nbytes,
+            )
         if args.fp32_act and batch == 1:
             acts32 = prepare_activations(x, copies[0].k_padded, copies[0].group, "fp32")
             cands[f"{name}_fp32act"] = (

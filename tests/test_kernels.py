@@ -327,12 +327,21 @@ def test_simd_paths_compile_to_their_instructions(path, tmp_path):
         def groups(kern, qs, i, planes, sums):
             simd.group_sums4(kern, qs, i, planes, 0, 96, sums, 0)  # int3: 64 + 32 bytes
 
+        @njit
+        def batched(kern, qs, i, planes, sums):
+            simd.group_sums4(kern, qs, i, planes, 0, 64, sums, 0)
+
+        cases = []
         for kind in ("2", "t", "1", "4", "3"):
             args = (simd.KernType({path!r}, kind), types.uint8[:, ::1], types.intp, types.int8[:, :, ::1])
-            for fn, sig in ((row, args), (groups, args + (types.int32[:, :, ::1],))):
-                fn.compile(sig)
-                print("@@", kind, fn.inspect_asm(fn.signatures[-1]).count({EXPECTED_ASM[path][0]!r}),
-                      "{EXPECTED_ASM[path][1]}" in fn.inspect_asm(fn.signatures[-1]))
+            cases += [(kind, row, args), (kind, groups, args + (types.int32[:, :, ::1],))]
+        for kind in ("2", "4"):  # groups of 64 bytes (tq2_0 blocks, int4 groups of 128), summed in batches
+            args = (simd.KernType({path!r}, kind, 64), types.uint8[:, ::1], types.intp, types.int8[:, :, ::1])
+            cases.append((kind + "b", batched, args + (types.int32[:, :, ::1],)))
+        for kind, fn, sig in cases:
+            fn.compile(sig)
+            asm = fn.inspect_asm(fn.signatures[-1])
+            print("@@", kind, asm.count({EXPECTED_ASM[path][0]!r}), "{EXPECTED_ASM[path][1]}" in asm)
     """)
     env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES=features, NUMBA_CACHE_DIR=str(tmp_path))
     env.pop(simd.ENV, None)
@@ -341,6 +350,35 @@ def test_simd_paths_compile_to_their_instructions(path, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line.split() for line in done.stdout.splitlines() if line.startswith("@@")]
-    assert len(lines) == 10
+    assert len(lines) == 12
     for _, kind, count, wide in lines:
         assert int(count) > 0 and wide == "True", (path, kind, count, wide)
+
+
+def test_group_batches_give_the_same_bits_as_one_span_per_group():
+    """Rows long enough for the batched group sums (two batches and a remainder on the widest path here), for
+    every format with per-group scales whose groups qualify: the reference's bits, batched or not, for one token
+    (GEMV) and for batches of four tokens and a remainder (GEMM)."""
+    previous = fast.current_isa()
+    rng = np.random.default_rng(12)
+    try:
+        for path in [p for p in simd.available_isas() if p != "portable"]:
+            fast.set_isa(path)
+            for name in sorted(FORMATS):
+                fmt = FORMATS[name]
+                bpg = fmt.bytes_per_group(fmt.default_group)
+                if not simd.batched_groups(path, simd.KIND[fmt.fmt_id], bpg):
+                    continue
+                k = fmt.default_group * (2 * simd.batch_lanes(path, bpg) + 3)
+                pm = ref.quantize(weights(21, k, seed=5), name, scale="absmax")
+                x = rng.standard_normal((6, k)).astype(np.float32)
+                expected = ref.gemm(pm, x)
+                for batched in (True, False):
+                    fast.set_group_batches(batched)
+                    np.testing.assert_array_equal(
+                        fast.gemm(pm, x), expected, err_msg=f"{name} {path} {batched}"
+                    )
+                    np.testing.assert_array_equal(fast.linear_token(pm, x[1]), expected[1])
+    finally:
+        fast.set_group_batches(True)
+        fast.set_isa(previous)

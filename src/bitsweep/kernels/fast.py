@@ -424,10 +424,23 @@ def set_isa(name: str | None = None) -> str:
 
 
 available_isas = simd.available_isas
+_group_batches = True
+
+
+def set_group_batches(enabled: bool) -> bool:
+    """Whether per-group sums go through simd's batched path where it applies (default) or one span per group
+    (what bench/kernels.py compares it with); returns the previous setting. Both give the same bits."""
+    global _group_batches
+    previous, _group_batches = _group_batches, enabled
+    return previous
 
 
 def _kern(pm: PackedMatrix) -> simd.Kern:
-    return simd.Kern(_isa, pm.fmt.fmt_id)
+    """The kernel type: the group size is compiled in where groups are summed in batches (simd.batched_groups),
+    else left at 0 so that one compilation serves every group size."""
+    bpg = pm.fmt.bytes_per_group(pm.group)
+    batched = _group_batches and simd.batched_groups(_isa, simd.KIND[pm.fmt.fmt_id], bpg)
+    return simd.Kern(_isa, pm.fmt.fmt_id, bpg if batched else 0)
 
 
 def _transposed_scalars(pm: PackedMatrix) -> tuple[np.ndarray, np.ndarray]:
@@ -602,14 +615,15 @@ def _gemv_token_simd(kern, qs, a, c, aT, cT, group, bytes_per_group, index, unif
 def linear_token(pm: PackedMatrix, x: np.ndarray) -> np.ndarray:
     """``W @ x`` for one token with per-token int8 activations; the same numbers as ``gemv(pm, x, "int8")``."""
     plan = pm.meta.get("_token_plan")
-    if plan is None or plan[0] != _isa:
+    if plan is None or plan[0] != (_isa, _group_batches):
         a, c = _scalars(pm)
         common = (pm.group, pm.fmt.bytes_per_group(pm.group), _plane_index(pm), pm.one_scale_per_row())
+        key = (_isa, _group_batches)
         if _isa == "portable":
-            plan = (_isa, _gemv_token, (pm.fmt.fmt_id, pm.qs, a, c, *common))
+            plan = (key, _gemv_token, (pm.fmt.fmt_id, pm.qs, a, c, *common))
         else:
-            plan = (_isa, _gemv_token_simd, (_kern(pm), np.ascontiguousarray(pm.qs), a, c,
-                                             *_transposed_scalars(pm), *common))  # fmt: skip
+            plan = (key, _gemv_token_simd, (_kern(pm), np.ascontiguousarray(pm.qs), a, c,
+                                            *_transposed_scalars(pm), *common))  # fmt: skip
         pm.meta["_token_plan"] = plan
     out = np.empty(pm.n_rows, np.float32)
     plan[1](*plan[2], np.ascontiguousarray(x, dtype=np.float32), out)

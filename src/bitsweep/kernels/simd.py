@@ -353,27 +353,109 @@ def _emit_tail(builder, isa, kind, rowp, plane_ptrs, o, e, accs, n_chunks, produ
     return [builder.load(t) for t in totals]
 
 
-class Kern:
-    """An (instruction set, code kind) pair; numba compiles each kernel once per pair (see KernType)."""
+def batched_groups(isa: str, kind: str, bpg: int) -> bool:
+    """Whether groups of ``bpg`` bytes are summed in batches: a power of two from 16 bytes (one 128-bit vector) to
+    8 vectors of the ISA (longer groups amortise one horizontal sum each); int3's split groups never."""
+    return kind != "3" and bpg >= 16 and bpg & (bpg - 1) == 0 and bpg <= 8 * WIDTH[isa]
 
-    def __init__(self, isa: str, fmt_id: int) -> None:
+
+def batch_lanes(isa: str, bpg: int) -> int:
+    """Groups per batch: the int32 lanes of one vector of ``min(bpg, WIDTH)`` bytes."""
+    return min(bpg, WIDTH[isa]) // 4
+
+
+def _merge_halves(builder, x, y):
+    """Adjacent int32 lanes of ``x`` then of ``y`` summed pairwise: ``[x0+x1, x2+x3, ..., y0+y1, ...]``. A group
+    spread over s contiguous lanes of x or y occupies s/2 of the result, groups kept in order."""
+    n = x.type.count
+    even = builder.shuffle_vector(x, y, ir.Constant(ir.VectorType(I32, n), list(range(0, 2 * n, 2))))
+    odd = builder.shuffle_vector(x, y, ir.Constant(ir.VectorType(I32, n), list(range(1, 2 * n, 2))))
+    return builder.add(even, odd)
+
+
+def _emit_group_batches(builder, isa, kind, bpg, rowp, plane_ptrs, n_groups, store):
+    """Group sums of one row, ``lanes`` groups at a time, without a horizontal sum per group.
+
+    Vectors of ``w = min(bpg, WIDTH)`` bytes (``lanes = w / 4`` int32 lanes): each group's products are summed
+    into one vector (its ``bpg / w`` chunks), so the group's sum is spread over all lanes. ``lanes`` such
+    vectors reduce to one holding a group per lane in log2(lanes) rounds of :func:`_merge_halves`, merged as
+    they come (a binary counter: at most log2(lanes) + 1 vectors live per token). Integer sums, so the same
+    values as one reduction per group. Returns the number of groups done (whole batches); the caller sums the
+    rest one span each (a partial batch would cost a whole one).
+    """
+    ntok, intp = len(plane_ptrs), n_groups.type
+    w = min(bpg, WIDTH[isa])
+    lanes, chunks = batch_lanes(isa, bpg), bpg // w
+    v8, v16, v32 = ir.VectorType(I8, w), ir.VectorType(I16, w // 2), ir.VectorType(I32, lanes)
+    block = BLOCK16[kind]  # chunks whose int16 sums may add up before widening (non-VNNI)
+
+    def const(value):
+        return ir.Constant(intp, value)
+
+    def group_vectors(g):
+        """Per token, the <lanes x i32> partial sums of group g."""
+        accs = [ir.Constant(v32, None)] * ntok
+        p16 = [ir.Constant(v16, None)] * ntok
+        for c in range(chunks):
+            at = builder.add(builder.mul(g, const(bpg)), const(c * w))
+            if (c * w) % 64 == 0:  # once per cache line (twice for 32-byte groups: cheaper than a branch)
+                _prefetch(builder, builder.gep(rowp, [builder.add(at, const(PREFETCH))]))
+            codes = _decode(builder, _load(builder, rowp, at, v8), kind)
+            for n in range(ntok):
+                xs = [_load(builder, p, at, v8) for p in plane_ptrs[n][: len(codes)]]
+                if isa in VNNI:
+                    accs[n] = _madd_chunk(builder, isa, w, accs[n], codes, xs)
+                    continue
+                p16[n] = _madd16(builder, w, p16[n], codes, xs)
+                if (c + 1) % block == 0 or c == chunks - 1:
+                    accs[n], p16[n] = _widen(builder, w, accs[n], p16[n]), ir.Constant(v16, None)
+        return accs
+
+    def batch(g0):
+        stacks = [[] for _ in range(ntok)]  # (merge round, vector) per token
+        for j in range(lanes):
+            for n, v in enumerate(group_vectors(builder.add(g0, const(j)))):
+                stack = stacks[n]
+                stack.append((0, v))
+                while len(stack) > 1 and stack[-1][0] == stack[-2][0]:
+                    (level, y), (_, x) = stack.pop(), stack.pop()
+                    stack.append((level + 1, _merge_halves(builder, x, y)))
+        for j in range(lanes):
+            for n in range(ntok):
+                store(
+                    n,
+                    builder.add(g0, const(j)),
+                    builder.extract_element(stacks[n][0][1], ir.Constant(I32, j)),
+                )
+
+    full = builder.udiv(n_groups, const(lanes))
+    with cgutils.for_range(builder, full) as loop:
+        batch(builder.mul(loop.index, const(lanes)))
+    return builder.mul(full, const(lanes))
+
+
+class Kern:
+    """An (instruction set, code kind, bytes per group) triple; numba compiles each kernel once per triple (see
+    KernType). ``bpg`` 0: the group size is only known at run time (no batched group sums)."""
+
+    def __init__(self, isa: str, fmt_id: int, bpg: int = 0) -> None:
         if isa not in WIDTH:
             raise ValueError(f"no SIMD kernels for {isa!r}")
-        self.isa, self.kind = isa, KIND[fmt_id]
+        self.isa, self.kind, self.bpg = isa, KIND[fmt_id], bpg
 
     def __repr__(self) -> str:
-        return f"Kern({self.isa!r}, {self.kind!r})"
+        return f"Kern({self.isa!r}, {self.kind!r}, {self.bpg})"
 
 
 class KernType(types.Type):
-    def __init__(self, isa: str, kind: str) -> None:
-        self.isa, self.kind = isa, kind
-        super().__init__(name=f"Kern({isa}, {kind})")
+    def __init__(self, isa: str, kind: str, bpg: int = 0) -> None:
+        self.isa, self.kind, self.bpg = isa, kind, bpg
+        super().__init__(name=f"Kern({isa}, {kind}, {bpg})")
 
 
 @typeof_impl.register(Kern)
 def _typeof_kern(val, c):
-    return KernType(val.isa, val.kind)
+    return KernType(val.isa, val.kind, val.bpg)
 
 
 register_model(KernType)(models.OpaqueModel)
@@ -430,7 +512,9 @@ def _make_group_sums(ntok: int):
     @intrinsic
     def group_sums(typingctx, kern, qs, i, planes, tok, bpg, sums, col):
         """For every group g of row ``i`` of ``qs`` (``bpg`` bytes each) and token n of tok..tok+ntok-1: the int32
-        sum of code times activation, stored in ``sums[n, g, col]`` (int32 3-D). Nothing returned."""
+        sum of code times activation, stored in ``sums[n, g, col]`` (int32 3-D). Nothing returned. Where the
+        kernel's compile-time group size allows it (:func:`batched_groups`), groups are summed a batch at a time
+        (:func:`_emit_group_batches`), else one span per group."""
         if not isinstance(kern, KernType) or not isinstance(sums, types.Array) or sums.ndim != 3:
             return None
         sig = types.none(kern, qs, i, planes, tok, bpg, sums, col)
@@ -449,15 +533,28 @@ def _make_group_sums(ntok: int):
             _, n_groups, _ = cgutils.unpack_tuple(builder, sa.shape, 3)
             t0, t1, t2 = cgutils.unpack_tuple(builder, sa.strides, 3)
             sbase = builder.bitcast(sa.data, I8.as_pointer())
-            with cgutils.for_range(builder, n_groups) as loop:
-                o = builder.mul(loop.index, bpg_)
-                sums_g = _emit_span(
-                    builder, sig.args[0].isa, kind, rowp, ptrs, o, builder.add(o, bpg_), long=False
-                )
-                for n, s in enumerate(sums_g):
-                    off = builder.add(builder.add(builder.mul(builder.add(tok_, ir.Constant(tok_.type, n)), t0),
-                                                  builder.mul(loop.index, t1)), builder.mul(col_, t2))  # fmt: skip
-                    builder.store(s, builder.bitcast(builder.gep(sbase, [off]), I32.as_pointer()))
+
+            def store(n, g, s):
+                off = builder.add(builder.add(builder.mul(builder.add(tok_, ir.Constant(tok_.type, n)), t0),
+                                              builder.mul(g, t1)), builder.mul(col_, t2))  # fmt: skip
+                builder.store(s, builder.bitcast(builder.gep(sbase, [off]), I32.as_pointer()))
+
+            isa, bpg = sig.args[0].isa, sig.args[0].bpg
+
+            def spans(first):
+                """One span per group from group ``first`` on."""
+                with cgutils.for_range(builder, builder.sub(n_groups, first)) as loop:
+                    g = builder.add(first, loop.index)
+                    o = builder.mul(g, bpg_)
+                    sums_g = _emit_span(builder, isa, kind, rowp, ptrs, o, builder.add(o, bpg_), long=False)
+                    for n, s in enumerate(sums_g):
+                        store(n, g, s)
+
+            zero = ir.Constant(n_groups.type, 0)
+            if not batched_groups(isa, kind, bpg):
+                spans(zero)
+                return context.get_dummy_value()
+            spans(_emit_group_batches(builder, isa, kind, bpg, rowp, ptrs, n_groups, store))
             return context.get_dummy_value()
 
         return sig, codegen
