@@ -208,3 +208,31 @@ def test_int8_scoring_gives_the_same_bits_on_every_kernel_path(tiny_model_dir, t
     prefix = backend_info("bitnet").evaluate_env_prefix()
     assert prefix == "env ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2 ONEDNN_MAX_CPU_ISA=AVX2"
     assert backend_info("llamacpp").evaluate_env_prefix() == ""
+
+
+def test_generation_runs_each_blocks_sibling_projections_as_one_gemv(tiny_model_dir, tmp_path, monkeypatch):
+    """q/k/v and gate/up share one stacked matrix (the members' matrices are views of its rows): one token costs
+    two compiled GEMV calls fewer per block, and the logits are the same bits as with separate GEMVs."""
+    from bitsweep.kernels import fast
+
+    artifact = quantize(tiny_model_dir, tmp_path, "tq2", 2, format="tq2_0", act="int8")
+    runner = BitnetRunner(artifact.path, threads=2, n_ctx=128)
+    linears = [m for m in runner.model.modules() if getattr(m, "stacked", None) is not None]
+    n_blocks = runner.model.config.num_hidden_layers
+    assert len(linears) == 5 * n_blocks
+    attn = runner.model.model.layers[0].self_attn
+    stacked = attn.q_proj.stacked[0]
+    assert attn.v_proj.stacked == (stacked, 2) and np.shares_memory(attn.k_proj.pm.qs, stacked.pm.qs)
+
+    calls = []
+    original = fast.linear_token
+    monkeypatch.setattr(fast, "linear_token", lambda pm, x: calls.append(pm.n_rows) or original(pm, x))
+    tokens = np.random.default_rng(4).integers(0, 1000, 3)
+    together = [runner.logits(tokens[i : i + 1]) for i in range(3)]
+    assert len(calls) == 3 * 4 * n_blocks  # per block: q|k|v, o, gate|up, down
+    for module in linears:
+        module.stacked = None
+    apart = [runner.logits(tokens[i : i + 1]) for i in range(3)]
+    assert len(calls) == 3 * 4 * n_blocks + 3 * 7 * n_blocks
+    for a, b in zip(together, apart, strict=True):
+        np.testing.assert_array_equal(a, b)

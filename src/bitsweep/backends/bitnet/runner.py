@@ -6,6 +6,7 @@ head (option ``head``) is also the input embedding: :class:`PackedEmbedding` loo
 
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,55 @@ from bitsweep.errors import ConfigError
 # bench/kernels.py: the packed GEMM beats fp32 sgemm ~2x at 8 tokens and loses at 32 (0.55-0.85x).
 DEQUANT_BATCH = 16
 
+# Projections that read the same input (a block's hidden state) in every architecture we pack: during generation
+# each set runs as one GEMV over their stacked rows (one compiled call and one activation quantization instead of
+# three or two). Each row's arithmetic is unchanged, so the outputs are the same bits.
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class StackedRows:
+    """Packed matrices of the same format, group and input width stacked row-wise into one (``pm``); each member
+    keeps a view of its rows. :meth:`token` computes all rows for one token and hands each member its slice,
+    once per input: the first member called computes, the others reuse it for an input with the same values (a
+    copy of the last input is compared: a few KB, whatever order or tensor objects the caller uses)."""
+
+    def __init__(self, members) -> None:
+        from bitsweep.kernels.formats import PackedMatrix
+
+        first = members[0]
+        self.pm = PackedMatrix(
+            first.fmt, first.group, first.k, np.concatenate([m.qs for m in members]),
+            np.concatenate([m.d for m in members]),
+            None if first.m is None else np.concatenate([m.m for m in members]),
+        )  # fmt: skip
+        bounds = np.cumsum([0, *(m.n_rows for m in members)])
+        self.rows = [(int(a), int(b)) for a, b in pairwise(bounds)]
+        self.views = [
+            PackedMatrix(first.fmt, first.group, first.k, self.pm.qs[a:b], self.pm.d[a:b],
+                         None if first.m is None else self.pm.m[a:b])
+            for a, b in self.rows
+        ]  # fmt: skip
+        self._input, self._out = None, None
+
+    @staticmethod
+    def stackable(members) -> bool:
+        first = members[0]
+        return all(
+            (m.fmt, m.group, m.k, m.m is None) == (first.fmt, first.group, first.k, first.m is None)
+            for m in members
+        )
+
+    def token(self, x, member: int):
+        """Rows of ``member`` for one token ``x`` (a float32 CPU tensor of ``k`` values), as a NumPy array."""
+        from bitsweep.kernels import fast
+
+        values = x.numpy().reshape(-1)
+        if self._input is None or not np.array_equal(values, self._input):
+            self._out = fast.linear_token(self.pm, values)
+            self._input = values.copy()
+        a, b = self.rows[member]
+        return self._out[a:b]
+
 
 def packed_linear_class():
     import torch
@@ -34,14 +84,17 @@ def packed_linear_class():
             super().__init__()
             self.pm, self.act = pm, act
             self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+            self.stacked: tuple[StackedRows, int] | None = None  # set by stack_siblings
 
         def forward(self, x):
             shape, pm = x.shape, self.pm
             if self.act == "int8" and x.numel() == shape[-1] and x.dtype == torch.float32:
                 # Generation: one token, one compiled call (Python-side overhead dominates otherwise).
-                y = torch.from_numpy(fast.linear_token(pm, x.numpy().reshape(-1))).view(
-                    *shape[:-1], pm.n_rows
-                )
+                if self.stacked is not None:
+                    rows = self.stacked[0].token(x, self.stacked[1])
+                else:
+                    rows = fast.linear_token(pm, x.numpy().reshape(-1))
+                y = torch.from_numpy(rows).view(*shape[:-1], pm.n_rows)
                 return y if self.bias is None else y + self.bias
             flat = x.reshape(-1, shape[-1]).float().contiguous().numpy()
             acts = fast.prepare_activations_fast(flat, pm.k_padded, pm.group, self.act)
@@ -63,6 +116,25 @@ def packed_linear_class():
             return f"{self.pm.fmt.name}, group={self.pm.group}, k={self.pm.k}, n={self.pm.n_rows}, act={self.act}"
 
     return PackedLinear
+
+
+def stack_siblings(model, packed_linear) -> int:
+    """Give each set of :data:`SIBLINGS` of a block (all PackedLinear, int8 activations, stackable) one
+    :class:`StackedRows`; the members' matrices become views of its rows (no second copy). Returns the number of
+    sets stacked."""
+    stacked = 0
+    for parent in model.modules():
+        for names in SIBLINGS:
+            members = [getattr(parent, name, None) for name in names]
+            if not all(isinstance(m, packed_linear) and m.act == "int8" for m in members):
+                continue
+            if not StackedRows.stackable([m.pm for m in members]):
+                continue
+            rows = StackedRows([m.pm for m in members])
+            for index, (member, view) in enumerate(zip(members, rows.views, strict=True)):
+                member.pm, member.stacked = view, (rows, index)
+            stacked += 1
+    return stacked
 
 
 def packed_embedding(pm, like):
@@ -116,6 +188,7 @@ def build_model(path: Path, act: str | None = None):
         bias = kept.pop(f"{module}.bias", None)
         linear = PackedLinear(pm, None if bias is None else torch.from_numpy(bias), act or info["act"])
         setattr(parent, child, linear)
+    stack_siblings(model, PackedLinear)
     if tied_head:
         model.set_input_embeddings(packed_embedding(packed[HEAD], model.get_input_embeddings()))
     state = {name: torch.from_numpy(array.astype(np.float32)) for name, array in kept.items()}
