@@ -8,6 +8,8 @@ Method: every candidate of one (shape, batch, threads) cell is timed in the same
 twice the last-level cache, so every call streams its weights from memory as in a real forward pass. Results are
 ratios measured in this one run (``speedup_vs_numpy_fp32``: numpy's ``W @ x`` time over the kernel's) plus the
 fraction of the measured read bandwidth each kernel reaches (``roofline``: packed bytes / time / bandwidth).
+At batch 1, ``llamacpp_tq2_0`` is llama.cpp's own TQ2_0 product (ggml's ``mul_mat``, ``bench/ggml_peer.py``) on the
+same codes and scales, as many copies, in the same loop; ``--no-llamacpp`` leaves it out.
 The bandwidth is the best of three streaming reads over the same buffer size: a numba int64 sum, numpy's float32
 ``sum`` and numpy's own fp32 ``W @ x`` (what the kernels race against).
 
@@ -39,6 +41,7 @@ import numpy as np  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
 from bitsweep.kernels import fast, simd  # noqa: E402
+from ggml_peer import GgmlTq2Gemv  # noqa: E402
 from bitsweep.kernels.formats import PackedMatrix, prepare_activations, quantize, uniform_row_scales  # noqa: E402
 # isort: on
 
@@ -97,12 +100,21 @@ def host_info() -> dict:
     return {
         "cpu_model": model, "cores": os.cpu_count(), "machine": platform.machine(),
         "simd_flags": sorted(simd.cpu_flags() & set(simd.SIMD_FLAGS)), "caches": caches, "llc_bytes": llc_bytes(),
-        "numba": numba.__version__, "llvmlite": llvmlite.__version__, "llvm": ".".join(map(str, llvm_version())),
+        "numba": numba.__version__, "llvmlite": llvmlite.__version__, "llama_cpp_python": _llama_cpp_version(), "llvm": ".".join(map(str, llvm_version())),
         "numpy": np.__version__, "python": platform.python_version(), "blas": blas,
         "kernel_isa": fast.current_isa(), "available_isas": simd.available_isas(),
         "numba_cpu_features_no_prefer256": "-prefer-256-bit" in os.environ.get("NUMBA_CPU_FEATURES", ""),
         "openblas_env_unset_by_bench": {k: v for k, v in OPENBLAS_UNSET.items() if v is not None},
     }  # fmt: skip
+
+
+def _llama_cpp_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llama_cpp_python")
+    except PackageNotFoundError:
+        return None
 
 
 def llvm_version() -> tuple[int, ...]:
@@ -116,6 +128,7 @@ TARGETS = [
     ("tq2_0", 1, 1, "numpy_fp32", 11.0), ("tq2_0", 1, 2, "numpy_fp32", 10.0), ("tq2_0", 1, 1, "roofline", 0.75),
     ("tq1_0", 1, 1, "numpy_fp32", 10.0), ("binary", 1, 1, "numpy_fp32", 15.0), ("int4", 1, 1, "numpy_fp32", 6.0),
     ("tq2_0", 8, 1, "numpy_fp32", 5.0), ("tq1_0", 8, 1, "numpy_fp32", 5.0), ("int4", 8, 1, "numpy_fp32", 5.0),
+    ("tq2_0", 1, 1, "llamacpp_tq2_0", 0.9), ("tq2_0", 1, 2, "llamacpp_tq2_0", 0.9),
 ]  # fmt: skip
 
 
@@ -126,14 +139,21 @@ def target_rows(cells: list[dict], threads_available: list[int]) -> list[dict]:
             continue
         cell = next((c for c in cells if c["shape"] == [4096, 4096] and c["batch"] == batch
                      and c["threads"] == threads and fmt in c["results"]), None)  # fmt: skip
-        if cell is None:
+        if cell is None or (against == "llamacpp_tq2_0" and against not in cell["results"]):
             continue
         res = cell["results"][fmt]
-        now = res["roofline"] if against == "roofline" else res["speedup_vs_numpy_fp32"]
-        what = "fraction of read bandwidth" if against == "roofline" else "x numpy fp32"
+        if against == "llamacpp_tq2_0":  # llama.cpp's time over ours: above 1, ours is faster
+            now, what = (
+                round(cell["results"][against]["best_ms"] / res["best_ms"], 3),
+                "x llama.cpp TQ2_0 (ggml)",
+            )
+        elif against == "roofline":
+            now, what = res["roofline"], "fraction of read bandwidth"
+        else:
+            now, what = res["speedup_vs_numpy_fp32"], "x numpy fp32"
         row = {"format": fmt, "batch": batch, "threads": threads, "measure": what, "now": now, "goal": goal,
                "met": bool(now >= goal)}  # fmt: skip
-        if against != "roofline" and "speedup_vs_numpy_fp32_cpu_time" in res:
+        if against == "numpy_fp32" and "speedup_vs_numpy_fp32_cpu_time" in res:
             row["now_cpu_time"] = res[
                 "speedup_vs_numpy_fp32_cpu_time"
             ]  # the same ratio in CPU time (contention)
@@ -197,6 +217,11 @@ def bench_cell(k, batch, threads, weights, args, bandwidth):
             lambda i: fast.gemv_int8_unpacked(int8w[i % len(int8w)], int8s, xq.x[0], xq.scale[0, 0]),
             int8w[0].nbytes,
         )
+    peer = weights.get("llamacpp_tq2_0")
+    if peer is not None and batch == 1:  # ggml quantizes x to Q8_K inside the product, as llama.cpp per token
+        peer.use_threads(threads)
+        peer.set_input(x[0])
+        cands["llamacpp_tq2_0"] = (peer, peer.nbytes)
     for name in args.formats:
         copies = weights[name]
         acts = prepare_activations(x, copies[0].k_padded, copies[0].group)
@@ -297,6 +322,7 @@ def main() -> None:
     parser.add_argument("--mem-cap-gb", type=float, default=3.0, help="memory for weight copies per format")
     parser.add_argument("--model-dir", type=Path, help="an HF model folder: also time end-to-end generation")
     parser.add_argument("--model-only", action="store_true", help="only the end-to-end part")
+    parser.add_argument("--no-llamacpp", action="store_true", help="leave out llama.cpp's TQ2_0 GEMV (ggml)")
     parser.add_argument("--isa", help=f"kernel instruction set: auto or one of {', '.join(simd.ISAS)}")
     args = parser.parse_args()
     if args.isa:
@@ -336,6 +362,9 @@ def main() -> None:
         for name in args.formats:
             pm = quantize(w, name, scale="absmean" if name in ("tq1_0", "tq2_0", "binary") else "absmax")
             weights[name] = replicate(pm, copies_for(pm.nbytes, llc, cap))
+            if name == "tq2_0" and not args.no_llamacpp:
+                # llama.cpp's TQ2_0 product on the same codes and scales, as many copies as ours
+                weights["llamacpp_tq2_0"] = GgmlTq2Gemv(pm.qs, pm.d, len(weights[name]), 1)
         for batch in batches:
             for threads in thread_counts:
                 cell = bench_cell(k, batch, threads, weights, args, bandwidth)
@@ -345,6 +374,8 @@ def main() -> None:
                 print(f"# {n_rows}x{k} batch {batch} threads {threads}: "
                       + ", ".join(f"{n} {v['speedup_vs_numpy_fp32']}x" for n, v in cell.items()),
                       file=sys.stderr)  # fmt: skip
+        if "llamacpp_tq2_0" in weights:
+            weights["llamacpp_tq2_0"].close()
         del weights
     report["targets"] = target_rows(report["cells"], thread_counts)
     for row in report["targets"]:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -382,3 +383,31 @@ def test_group_batches_give_the_same_bits_as_one_span_per_group():
     finally:
         fast.set_group_batches(True)
         fast.set_isa(previous)
+
+
+@pytest.mark.llamacpp
+def test_the_llamacpp_peer_of_the_kernel_bench_computes_our_product():
+    """bench/kernels.py times llama.cpp's TQ2_0 GEMV (ggml's mul_mat through its C API, bench/ggml_peer.py) beside
+    ours: on our codes and scales it must compute our product (to its Q8_K activation rounding), on 1 and 2
+    threads, or the ratio compares different work."""
+    pytest.importorskip("llama_cpp")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from ggml_peer import GgmlTq2Gemv
+
+    w = weights(96, 1024, seed=9)
+    pm = ref.quantize(w, "tq2_0", scale="absmean")
+    x = np.random.default_rng(9).standard_normal(1024).astype(np.float32)
+    expected = ref.gemv(pm, x, "fp32")
+    peer = GgmlTq2Gemv(pm.qs, pm.d, copies=2, threads=1)
+    try:
+        for threads in (1, 2):
+            peer.use_threads(threads)
+            peer.set_input(x)
+            peer(1)
+            got = peer.output(1)
+            assert np.abs(got - expected).max() < 0.02 * np.abs(expected).max(), threads
+            assert np.corrcoef(got, expected)[0, 1] > 0.9999
+    finally:
+        peer.close()
+    with pytest.raises(ValueError, match="1024 wide"):
+        GgmlTq2Gemv(pm.qs, pm.d, copies=1, threads=1).set_input(x[:100])
