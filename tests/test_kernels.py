@@ -407,7 +407,7 @@ def test_the_llamacpp_peer_of_the_kernel_bench_computes_our_product():
             got = peer.output(1)
             assert np.abs(got - expected).max() < 0.02 * np.abs(expected).max(), threads
             assert np.corrcoef(got, expected)[0, 1] > 0.9999
+        with pytest.raises(ValueError, match="1024 wide"):
+            peer.set_input(x[:100])
     finally:
         peer.close()
-    with pytest.raises(ValueError, match="1024 wide"):
-        GgmlTq2Gemv(pm.qs, pm.d, copies=1, threads=1).set_input(x[:100])
