@@ -100,7 +100,8 @@ def host_info() -> dict:
     return {
         "cpu_model": model, "cores": os.cpu_count(), "machine": platform.machine(),
         "simd_flags": sorted(simd.cpu_flags() & set(simd.SIMD_FLAGS)), "caches": caches, "llc_bytes": llc_bytes(),
-        "numba": numba.__version__, "llvmlite": llvmlite.__version__, "llama_cpp_python": _llama_cpp_version(), "llvm": ".".join(map(str, llvm_version())),
+        "numba": numba.__version__, "llvmlite": llvmlite.__version__, "llvm": ".".join(map(str, llvm_version())),
+        "llama_cpp_python": _llama_cpp_version(),
         "numpy": np.__version__, "python": platform.python_version(), "blas": blas,
         "kernel_isa": fast.current_isa(), "available_isas": simd.available_isas(),
         "numba_cpu_features_no_prefer256": "-prefer-256-bit" in os.environ.get("NUMBA_CPU_FEATURES", ""),
@@ -185,15 +186,6 @@ def replicate(pm: PackedMatrix, n: int) -> list[PackedMatrix]:
     return copies
 
 
-def batched_groups(pm: PackedMatrix, acts) -> bool:
-    """Whether the kernels sum ``pm``'s groups in batches here (per-group scales on a SIMD path)."""
-    bpg = pm.fmt.bytes_per_group(pm.group)
-    return (
-        fast.current_isa() != "portable" and not uniform_row_scales(pm, acts)
-        and simd.batched_groups(fast.current_isa(), simd.KIND[pm.fmt.fmt_id], bpg)
-    )  # fmt: skip
-
-
 def per_group_spans(pm: PackedMatrix, acts) -> np.ndarray:
     previous = fast.set_group_batches(False)
     try:
@@ -226,7 +218,7 @@ def bench_cell(k, batch, threads, weights, args, bandwidth):
         copies = weights[name]
         acts = prepare_activations(x, copies[0].k_padded, copies[0].group)
         cands[name] = (lambda i, c=copies, a=acts: fast.gemm_prepared(c[i % len(c)], a), copies[0].nbytes)
-        if batched_groups(copies[0], acts):
+        if fast.groups_batched(copies[0]) and not uniform_row_scales(copies[0], acts):
             # the same kernel summing one span per group (the path before batching), in the same loop
             cands[f"{name}_group_spans"] = (
                 lambda i, c=copies, a=acts: per_group_spans(c[i % len(c)], a),

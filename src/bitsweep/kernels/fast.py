@@ -435,12 +435,17 @@ def set_group_batches(enabled: bool) -> bool:
     return previous
 
 
-def _kern(pm: PackedMatrix) -> simd.Kern:
-    """The kernel type: the group size is compiled in where groups are summed in batches (simd.batched_groups),
-    else left at 0 so that one compilation serves every group size."""
+def groups_batched(pm: PackedMatrix) -> bool:
+    """Whether ``pm``'s per-group sums go through simd's batched path (on a SIMD path, where the group size
+    qualifies, unless :func:`set_group_batches` turned it off). Formats with one scale per row sum whole rows."""
     bpg = pm.fmt.bytes_per_group(pm.group)
-    batched = _group_batches and simd.batched_groups(_isa, simd.KIND[pm.fmt.fmt_id], bpg)
-    return simd.Kern(_isa, pm.fmt.fmt_id, bpg if batched else 0)
+    return _group_batches and _isa != "portable" and simd.batched_groups(_isa, simd.KIND[pm.fmt.fmt_id], bpg)
+
+
+def _kern(pm: PackedMatrix) -> simd.Kern:
+    """The kernel type: the group size is compiled in where groups are summed in batches, else left at 0 so that
+    one compilation serves every group size."""
+    return simd.Kern(_isa, pm.fmt.fmt_id, pm.fmt.bytes_per_group(pm.group) if groups_batched(pm) else 0)
 
 
 def _transposed_scalars(pm: PackedMatrix) -> tuple[np.ndarray, np.ndarray]:
@@ -614,11 +619,10 @@ def _gemv_token_simd(kern, qs, a, c, aT, cT, group, bytes_per_group, index, unif
 
 def linear_token(pm: PackedMatrix, x: np.ndarray) -> np.ndarray:
     """``W @ x`` for one token with per-token int8 activations; the same numbers as ``gemv(pm, x, "int8")``."""
-    plan = pm.meta.get("_token_plan")
-    if plan is None or plan[0] != (_isa, _group_batches):
+    plan, key = pm.meta.get("_token_plan"), (_isa, _group_batches)
+    if plan is None or plan[0] != key:
         a, c = _scalars(pm)
         common = (pm.group, pm.fmt.bytes_per_group(pm.group), _plane_index(pm), pm.one_scale_per_row())
-        key = (_isa, _group_batches)
         if _isa == "portable":
             plan = (key, _gemv_token, (pm.fmt.fmt_id, pm.qs, a, c, *common))
         else:

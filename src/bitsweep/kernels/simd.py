@@ -550,11 +550,10 @@ def _make_group_sums(ntok: int):
                     for n, s in enumerate(sums_g):
                         store(n, g, s)
 
-            zero = ir.Constant(n_groups.type, 0)
-            if not batched_groups(isa, kind, bpg):
-                spans(zero)
-                return context.get_dummy_value()
-            spans(_emit_group_batches(builder, isa, kind, bpg, rowp, ptrs, n_groups, store))
+            if batched_groups(isa, kind, bpg):
+                spans(_emit_group_batches(builder, isa, kind, bpg, rowp, ptrs, n_groups, store))
+            else:
+                spans(ir.Constant(n_groups.type, 0))
             return context.get_dummy_value()
 
         return sig, codegen

@@ -119,11 +119,9 @@ def packed_linear_class():
     return PackedLinear
 
 
-def stack_siblings(model, packed_linear) -> int:
+def stack_siblings(model, packed_linear) -> None:
     """Give each set of :data:`SIBLINGS` of a block (all PackedLinear, int8 activations, stackable) one
-    :class:`StackedRows`; the members' matrices become views of its rows (no second copy). Returns the number of
-    sets stacked."""
-    stacked = 0
+    :class:`StackedRows`; the members' matrices become views of its rows (no second copy)."""
     for parent in model.modules():
         for names in SIBLINGS:
             members = [getattr(parent, name, None) for name in names]
@@ -134,8 +132,6 @@ def stack_siblings(model, packed_linear) -> int:
             rows = StackedRows([m.pm for m in members])
             for index, (member, view) in enumerate(zip(members, rows.views, strict=True)):
                 member.pm, member.stacked = view, (rows, index)
-            stacked += 1
-    return stacked
 
 
 def packed_embedding(pm, like):
