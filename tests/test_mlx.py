@@ -226,3 +226,33 @@ def test_scoring_that_disagrees_with_mlx_is_refused(tiny_mlx, tmp_path):
     finally:
         runner.close()
     assert MLXRunner(tiny_mlx, threads=2).scoring == "native"  # an fp model: MLX's own logits
+
+
+def test_generation_is_timed_as_mlx_lm_generates(tiny_mlx):
+    """The timed path is mlx-lm's own: the prompt but its last token fills the cache with no logits evaluated, the
+    last token gives them. Same continuation as mlx-lm's ``generate_step``, and the prompt's last logits are the
+    window's last row (to float32 rounding: the head runs on one row instead of all)."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    runner = MLXRunner(tiny_mlx, threads=2, scoring="native")
+    try:
+        window = runner.native_logits(IDS[:20])
+        assert np.abs(runner._prefill(IDS[:20]) - window[-1]).max() < 1e-5 * np.abs(window).max()
+        theirs = [token for token, _ in generate_step(mx.array(IDS[:20]), runner.model, max_tokens=12)]
+        assert runner.greedy(IDS[:20], 12).tolist() == theirs
+    finally:
+        runner.close()
+
+
+def test_the_mlx_lm_benchmark_peer_runs_on_our_artifact(tiny_mlx):
+    """bench/runtimes.py's peer: ``mlx_lm.benchmark`` on the converted folder, its trials read back."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from runtimes import mlx_lm_benchmark
+
+    out = mlx_lm_benchmark(tiny_mlx, n_prompt=16, n_gen=4, repeats=2)
+    assert len(out["pp"]["runs"]) == len(out["tg"]["runs"]) == 2
+    assert min(out["pp"]["runs"] + out["tg"]["runs"]) > 0

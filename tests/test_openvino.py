@@ -8,6 +8,13 @@ import pytest
 from bitsweep.backends import Artifact
 from bitsweep.backends.openvino.convert import export_openvino
 from bitsweep.backends.openvino.quantize import ir_summary
+from bitsweep.backends.openvino.runner import (
+    LOGITS_FROM,
+    PINNED,
+    head_matmul,
+    slice_before_head,
+    stateful_inputs,
+)
 from bitsweep.backends.openvino.runner import Runner as OpenVINORunner
 from bitsweep.backends.torch_ref import TorchRunner
 from bitsweep.metrics import ReferenceTopK, kl_divergence
@@ -71,3 +78,50 @@ def test_kl_divergence_orders_int8_below_int4(tiny_ir, tmp_path):
         kld[name] = kl_divergence(top, runner.logits(IDS)).mean()
         runner.close()
     assert 0 < kld["int8"] < kld["int4"]
+
+
+def test_prompts_run_the_head_on_their_last_position_only(tiny_ir):
+    """As OpenVINO GenAI's pipeline: the runner's graph slices the LM head's input at ``logits_from``, so a prompt
+    makes one row of logits; scored windows still get every position, to the bit of the IR compiled as exported."""
+    import openvino as ov
+
+    core = ov.Core()
+    config = {**PINNED, "INFERENCE_NUM_THREADS": 2, "NUM_STREAMS": 1}
+    exported = core.compile_model(core.read_model(str(tiny_ir / "openvino_model.xml")), "CPU", config)
+    plain = np.array(exported.create_infer_request().infer(stateful_inputs(IDS))["logits"][0])
+    runner = OpenVINORunner(tiny_ir, threads=2)
+    try:
+        assert np.array_equal(runner.logits(IDS), plain)
+        runner.request.reset_state()
+        last = runner.request.infer(stateful_inputs(IDS) | {LOGITS_FROM: np.array([len(IDS) - 1])})["logits"]
+        assert last.shape == (1, 1, plain.shape[1])
+        assert np.array_equal(last[0, 0], plain[-1])
+        assert np.array_equal(runner._prefill(IDS), plain[-1])
+    finally:
+        runner.close()
+    matmul, port = head_matmul(slice_before_head(core.read_model(str(tiny_ir / "openvino_model.xml"))))
+    assert matmul.input_value(port).get_node().get_type_name() == "Slice"
+
+
+def test_openvino_genai_generates_what_our_runner_does(tiny_ir, tmp_path):
+    """bench/runtimes.py times our runner against OpenVINO GenAI's LLMPipeline on the same IR and plugin settings:
+    both must be the same model, so their greedy continuations agree token for token (INT4 IR)."""
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("openvino_genai")
+    import openvino_genai
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from runtimes import genai_inputs, genai_pipeline
+
+    int4 = compress(tiny_ir, tmp_path, "int4", 4, mode="INT4_SYM", group_size=64, ratio=1.0)
+    runner = helpers.open_runner(int4)
+    try:
+        ours = runner.greedy(IDS[:20], 12)
+    finally:
+        runner.close()
+    pipe = genai_pipeline(int4.path, threads=2)
+    config = openvino_genai.GenerationConfig(max_new_tokens=12, min_new_tokens=12, ignore_eos=True)
+    theirs = pipe.generate(genai_inputs(IDS[:20]), config).tokens[0]
+    assert list(theirs) == ours.tolist()

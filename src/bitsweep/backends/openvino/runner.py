@@ -8,6 +8,12 @@ settings as the compiled model reports them.
 
 The IR's inputs: input_ids, attention_mask, position_ids (int64, [1, n]) and beam_idx (int32, [1]); output:
 logits [1, n, V]. The KV cache is the model's state, reset before each window.
+
+As OpenVINO GenAI's LLM pipeline does ("slice before MatMul"), the runner compiles the IR with the LM head's input
+sliced along the sequence: prompt processing runs the head on the last position only, where optimum-intel's IR
+would run SmolLM2's 49k-row head on every prompt position. The slice starts at an added input, ``logits_from``
+([1], int64), so one compiled model (one copy of the weights) serves both: 0 for a scored window's logits at every
+position, n - 1 for a prompt.
 """
 
 from __future__ import annotations
@@ -26,11 +32,43 @@ PINNED = {
 }
 
 
+LOGITS_FROM = "logits_from"
+
+
 def compile_model(xml: str | Path, threads: int):
     import openvino as ov
 
     config = {**PINNED, "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1}
-    return ov.Core().compile_model(str(xml), "CPU", config)
+    core = ov.Core()
+    return core.compile_model(slice_before_head(core.read_model(str(xml))), "CPU", config)
+
+
+def head_matmul(model):
+    """The MatMul that makes ``logits`` (the LM head), found through the elementwise ops after it (a Convert, a
+    logit soft-cap): (MatMul node, index of its activation input [1, n, hidden])."""
+    node = model.output("logits").get_node().input_value(0).get_node()  # the Result's producer
+    for _ in range(8):
+        if node.get_type_name() == "MatMul":
+            ranks = [node.input_value(i).get_partial_shape().rank.get_length() for i in range(2)]
+            return node, ranks.index(3)
+        node = node.input_value(0).get_node()
+    raise ValueError(f"no MatMul within 8 ops above the IR's logits (last op seen: {node.get_type_name()})")
+
+
+def slice_before_head(model):
+    """``model`` with the head's input sliced to positions ``logits_from:`` (an added [1] int64 input)."""
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    matmul, port = head_matmul(model)
+    start = ops.parameter([1], ov.Type.i64, name=LOGITS_FROM)
+    start.output(0).get_tensor().set_names({LOGITS_FROM})
+    end, step, axis = (ops.constant(np.array([v], dtype=np.int64)) for v in (np.iinfo(np.int64).max, 1, 1))
+    sliced = ops.slice(matmul.input_value(port), start, end, step, axis)
+    matmul.input(port).replace_source_output(sliced.output(0))
+    model.add_parameters([start])
+    model.validate_nodes_and_infer_types()
+    return model
 
 
 def stateful_inputs(ids: np.ndarray, past: int = 0) -> dict[str, np.ndarray]:
@@ -53,16 +91,19 @@ class Runner(BaseRunner):
     def logits(self, ids: np.ndarray) -> np.ndarray:
         self.check_length(ids)
         self.request.reset_state()
-        out = self.request.infer(stateful_inputs(ids))
+        out = self.request.infer(stateful_inputs(ids) | {LOGITS_FROM: np.zeros(1, np.int64)})
         return np.array(out["logits"][0], dtype=np.float32)
 
     def _prefill(self, prompt: np.ndarray) -> np.ndarray:
         self.request.reset_state()
         self.past = len(prompt)
-        return self.request.infer(stateful_inputs(prompt))["logits"][0, -1]
+        last = np.array([len(prompt) - 1], np.int64)
+        return self.request.infer(stateful_inputs(prompt) | {LOGITS_FROM: last})["logits"][0, -1]
 
     def _step(self, token: int) -> np.ndarray:
-        out = self.request.infer(stateful_inputs(np.array([token]), self.past))
+        out = self.request.infer(
+            stateful_inputs(np.array([token]), self.past) | {LOGITS_FROM: np.zeros(1, np.int64)}
+        )
         self.past += 1
         return out["logits"][0, -1]
 
