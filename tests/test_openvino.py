@@ -82,7 +82,8 @@ def test_kl_divergence_orders_int8_below_int4(tiny_ir, tmp_path):
 
 def test_prompts_run_the_head_on_their_last_position_only(tiny_ir):
     """As OpenVINO GenAI's pipeline: the runner's graph slices the LM head's input at ``logits_from``, so a prompt
-    makes one row of logits; scored windows still get every position, to the bit of the IR compiled as exported."""
+    makes one row of logits (the same, to float32 rounding); scored windows still get every position, to the bit of the
+    IR compiled as exported."""
     import openvino as ov
 
     core = ov.Core()
@@ -95,8 +96,10 @@ def test_prompts_run_the_head_on_their_last_position_only(tiny_ir):
         runner.request.reset_state()
         last = runner.request.infer(stateful_inputs(IDS) | {LOGITS_FROM: np.array([len(IDS) - 1])})["logits"]
         assert last.shape == (1, 1, plain.shape[1])
-        assert np.array_equal(last[0, 0], plain[-1])
-        assert np.array_equal(runner._prefill(IDS), plain[-1])
+        # one row instead of n: the CPU plugin may pick another kernel (SmolLM2 INT4: 3.8e-5 of logits up to 33)
+        tolerance = 1e-5 * np.abs(plain).max()
+        assert np.abs(last[0, 0] - plain[-1]).max() <= tolerance
+        assert np.abs(runner._prefill(IDS) - plain[-1]).max() <= tolerance
     finally:
         runner.close()
     matmul, port = head_matmul(slice_before_head(core.read_model(str(tiny_ir / "openvino_model.xml"))))
