@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import json
 import re
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from evaluate import _version, host
+from speed import _stats
 
 MLX_SCHEME = ("mlx", "affine4_g64", 4, {"mode": "AFFINE4", "group_size": 64})
 OPENVINO_SCHEME = ("openvino", "int4_sym_g128", 4, {"mode": "INT4_SYM", "group_size": 128, "ratio": 1.0})
@@ -159,11 +159,6 @@ def _speeds(pp: list[float], tg: list[float]) -> dict:
     return {"pp": _stats(pp), "tg": _stats(tg)}
 
 
-def _stats(values: list[float]) -> dict:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return {"mean": statistics.mean(values), "sd": sd, "runs": values}
-
-
 SIZES = {"mlx": (128, 32), "openvino": (512, 128)}  # default (prompt, generated) tokens per pair
 
 
@@ -171,10 +166,8 @@ def pair(name: str, args, work: Path) -> dict:
     n_prompt, n_gen = args.prompt or SIZES[name][0], args.gen or SIZES[name][1]
     if name == "mlx":
         path = artifact(work, "mlx", MLX_SCHEME)
-        theirs_name, theirs = (
-            "mlx_lm.benchmark",
-            lambda: mlx_lm_benchmark(path, n_prompt, n_gen, args.repeats),
-        )
+        theirs_name = "mlx_lm.benchmark"
+        theirs = lambda: mlx_lm_benchmark(path, n_prompt, n_gen, args.repeats)  # noqa: E731
     else:
         path = artifact(work, "openvino", OPENVINO_SCHEME)
         theirs_name = "openvino_genai.LLMPipeline"

@@ -88,24 +88,26 @@ class Runner(BaseRunner):
         self.request = self.compiled.create_infer_request()
         self.past = 0
 
+    def _infer(self, ids: np.ndarray, past: int, logits_from: int) -> np.ndarray:
+        """``ids`` after ``past`` cached positions: logits [len(ids) - logits_from, V] of the positions from
+        ``logits_from`` on (the head runs on those only)."""
+        feeds = stateful_inputs(ids, past) | {LOGITS_FROM: np.array([logits_from], np.int64)}
+        return self.request.infer(feeds)["logits"][0]
+
     def logits(self, ids: np.ndarray) -> np.ndarray:
         self.check_length(ids)
         self.request.reset_state()
-        out = self.request.infer(stateful_inputs(ids) | {LOGITS_FROM: np.zeros(1, np.int64)})
-        return np.array(out["logits"][0], dtype=np.float32)
+        return np.array(self._infer(ids, 0, 0), dtype=np.float32)
 
     def _prefill(self, prompt: np.ndarray) -> np.ndarray:
         self.request.reset_state()
         self.past = len(prompt)
-        last = np.array([len(prompt) - 1], np.int64)
-        return self.request.infer(stateful_inputs(prompt) | {LOGITS_FROM: last})["logits"][0, -1]
+        return self._infer(prompt, 0, len(prompt) - 1)[-1]
 
     def _step(self, token: int) -> np.ndarray:
-        out = self.request.infer(
-            stateful_inputs(np.array([token]), self.past) | {LOGITS_FROM: np.zeros(1, np.int64)}
-        )
+        out = self._infer(np.array([token]), self.past, 0)[-1]
         self.past += 1
-        return out["logits"][0, -1]
+        return out
 
     def scoring_info(self) -> dict[str, str | float]:
         """The pinned plugin settings as the compiled model reports them."""
