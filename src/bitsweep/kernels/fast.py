@@ -372,28 +372,28 @@ def gemm_exact(pm: PackedMatrix, acts: Activations) -> np.ndarray:
     xg = torch.from_numpy(x).view(n, n_groups, group).transpose(0, 1)  # (G, n, group)
     wg = torch.from_numpy(codes).view(pm.n_rows, n_groups, group).permute(1, 2, 0)  # (G, group, rows)
     dots = torch.bmm(xg, wg).numpy()  # (G, n, rows), exact integers
-    aB, cB = _blocked_scalars(pm)
     out = np.empty((n, pm.n_rows), np.float32)
-    _combine_groups(dots, aB, cB, acts.xsum.astype(np.float32), acts.scale, out)
+    _combine_groups(dots, *_blocked_scalars(pm), acts.xsum.astype(np.float32), acts.scale, out)
     return out
 
 
 @njit(parallel=True, cache=True)
-def _combine_groups(dots, aB, cB, xsum, scale, out):
+def _combine_groups(dots, dB, mB, rule, xsum, scale, out):
     """``out[t, i] = sum_g (a[i,g] dots[g,t,i] + c[i,g] xsum[t,g]) scale[t,g]`` one group after another, each
     operation rounded to float32 as formats.gemm's NumPy expression rounds it (no fastmath: no reassociation,
-    no fused multiply-add). ``aB``, ``cB``: the scalars blocked by row task (:func:`_blocked_scalars`)."""
+    no fused multiply-add). ``dB``, ``mB``, ``rule``: the scalars blocked by row task (:func:`_blocked_scalars`)."""
     n_groups, n_tok, n_rows = dots.shape
-    block = aB.shape[2]
+    block = dB.shape[2]
     for t in prange(n_tok):
         for i in range(n_rows):
             out[t, i] = 0
         for g in range(n_groups):
             xs, s = xsum[t, g], scale[t, g]
-            for b in range(aB.shape[0]):
+            for b in range(dB.shape[0]):
                 r0 = b * block
                 for r in range(min(block, n_rows - r0)):
-                    part = aB[b, g, r] * dots[g, t, r0 + r] + cB[b, g, r] * xs
+                    a, c = simd.group_scalars(rule, dB, mB, b, g, r)
+                    part = a * dots[g, t, r0 + r] + c * xs
                     out[t, r0 + r] = out[t, r0 + r] + part * s
 
 
@@ -451,13 +451,18 @@ def _kern(pm: PackedMatrix) -> simd.Kern:
     return simd.Kern(_isa, pm.fmt.fmt_id, pm.fmt.bytes_per_group(pm.group) if groups_batched(pm) else 0)
 
 
-def _blocked_scalars(pm: PackedMatrix) -> tuple[np.ndarray, np.ndarray]:
-    """``(a, c)`` blocked by row task, ``(n_tasks, n_groups, simd.ROWS_PER_TASK)`` (simd.block_scalars): the
-    kernels combine a task's groups across its rows at once."""
+def _blocked_scalars(pm: PackedMatrix) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(dB, mB, rule)``: the stored float16 ``d`` and ``m`` (``d`` again where the format has none) as uint16
+    bits blocked by row task, ``(n_tasks, n_groups, simd.ROWS_PER_TASK)`` (simd.block_scalars), and the rule
+    that makes ``(a, c)`` of them (simd.SCALAR_RULE): the kernels combine a task's groups across its rows at
+    once, reading 2-4 bytes per group instead of 8."""
     cached = pm.meta.get("_kernel_scalars_blocked")
     if cached is None:
-        a, c = _scalars(pm)
-        cached = pm.meta["_kernel_scalars_blocked"] = (simd.block_scalars(a), simd.block_scalars(c))
+        if pm.d.dtype != np.float16 or (pm.m is not None and pm.m.dtype != np.float16):
+            raise ValueError(f"packed scalars must be float16, not {pm.d.dtype}")
+        dB = simd.block_scalars(pm.d.view(np.uint16))
+        mB = dB if pm.m is None else simd.block_scalars(pm.m.view(np.uint16))
+        cached = pm.meta["_kernel_scalars_blocked"] = (dB, mB, simd.SCALAR_RULE[pm.fmt.fmt_id])
     return cached
 
 
@@ -518,13 +523,11 @@ def _gemm_simd(pm: PackedMatrix, acts: Activations, a, c, bpg: int, out: np.ndar
     planes = simd.gather_planes8(acts.x, _plane_index(pm))
     uniform = uniform_row_scales(pm, acts)
     if acts.x.shape[0] > 1:
-        aB, cB = _blocked_scalars(pm)
-        simd.gemm(kern, qs, a, c, aB, cB, bpg, planes, acts.xsum, acts.scale, uniform, out)
+        simd.gemm(kern, qs, a, c, *_blocked_scalars(pm), bpg, planes, acts.xsum, acts.scale, uniform, out)
     elif uniform:
         simd.gemv_rows(kern, qs, a, c, planes, np.int32(acts.xsum[0].sum()), acts.scale[0, 0], out[0])
     else:
-        aB, cB = _blocked_scalars(pm)
-        simd.gemv_groups(kern, qs, aB, cB, bpg, planes, acts.xsum[0], acts.scale[0], out[0])
+        simd.gemv_groups(kern, qs, *_blocked_scalars(pm), bpg, planes, acts.xsum[0], acts.scale[0], out[0])
 
 
 def gemm(pm: PackedMatrix, x: np.ndarray, act: str = "int8") -> np.ndarray:
@@ -610,7 +613,7 @@ def _gemv_token(fmt, qs, a, c, group, bytes_per_group, index, uniform, x, out):
 
 
 @njit(cache=True)
-def _gemv_token_simd(kern, qs, a, c, aB, cB, group, bytes_per_group, index, uniform, x, out):
+def _gemv_token_simd(kern, qs, a, c, dB, mB, rule, group, bytes_per_group, index, uniform, x, out):
     """_gemv_token on the SIMD kernels: int8 planes instead of int16 ones."""
     xq, xsum, scale = _quantize_token(x, group, a.shape[1])
     planes = simd.gather_planes8(xq, index)
@@ -618,7 +621,7 @@ def _gemv_token_simd(kern, qs, a, c, aB, cB, group, bytes_per_group, index, unif
         total = _sum_i32(xsum[0])
         simd.gemv_rows(kern, qs, a, c, planes, total, scale[0, 0], out)
     else:
-        simd.gemv_groups(kern, qs, aB, cB, bytes_per_group, planes, xsum[0], scale[0], out)
+        simd.gemv_groups(kern, qs, dB, mB, rule, bytes_per_group, planes, xsum[0], scale[0], out)
 
 
 def linear_token(pm: PackedMatrix, x: np.ndarray) -> np.ndarray:

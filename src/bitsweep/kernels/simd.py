@@ -578,17 +578,48 @@ group_sums4 = _make_group_sums(4)
 
 ROWS_PER_TASK = 16
 
+# How a group's float32 (a, c) (w = a * q + c: formats.Format.kernel_scalars) follow from its stored float16 d and
+# m. The kernels read the 2 or 4 bytes per group the format stores instead of 8 bytes of (a, c), and compute the
+# same float32 values: a float16 is exactly a float32, and 2 * d and -d are exact.
+RULE_TERNARY, RULE_BINARY, RULE_AFFINE = 0, 1, 2  # (d, -d), (2d, -d), (d, m)
+SCALAR_RULE = {FMT_TQ2: RULE_TERNARY, FMT_TQ1: RULE_TERNARY, FMT_BINARY: RULE_BINARY, FMT_INT2: RULE_AFFINE,
+               FMT_INT3: RULE_AFFINE, FMT_INT4: RULE_AFFINE}  # fmt: skip
+
 
 def block_scalars(a: np.ndarray) -> np.ndarray:
     """Per-group scalars ``(n_rows, n_groups)`` as ``(n_tasks, n_groups, ROWS_PER_TASK)``: ``out[t, g, r] = a[t *
     ROWS_PER_TASK + r, g]``, the last task's missing rows zero. A task's float combination then reads one
     contiguous stream instead of one per group: with ``(n_groups, n_rows)`` (16 streams of 64 bytes per task for
-    a 4096-wide TQ2_0 matrix) the GEMV streamed from memory ran 1.1x slower."""
+    a 4096-wide TQ2_0 matrix) the GEMV streamed from memory ran 1.08-1.1x slower."""
     n_rows, n_groups = a.shape
     n_tasks = -(-n_rows // ROWS_PER_TASK)
     out = np.zeros((n_tasks * ROWS_PER_TASK, n_groups), a.dtype)
     out[:n_rows] = a
     return np.ascontiguousarray(out.reshape(n_tasks, ROWS_PER_TASK, n_groups).transpose(0, 2, 1))
+
+
+@intrinsic
+def half_to_float(typingctx, bits):
+    """The float32 value of a float16 given by its uint16 bits (numba has no float16 on the CPU; LLVM emits
+    ``vcvtph2ps`` with F16C, a vector of them where the loop vectorises)."""
+    if bits != types.uint16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@njit(inline="always")
+def group_scalars(rule, dB, mB, task, g, r):
+    """(a, c) of row ``task * ROWS_PER_TASK + r``, group ``g``, from the blocked float16 bits ``dB``, ``mB``."""
+    d = half_to_float(dB[task, g, r])
+    if rule == RULE_AFFINE:
+        return d, half_to_float(mB[task, g, r])
+    if rule == RULE_BINARY:
+        return np.float32(2) * d, -d
+    return d, -d
 
 
 @njit(cache=True)
@@ -616,13 +647,14 @@ def gemv_rows(kern, qs, a, c, P, xsum_total, xscale, out):
 
 
 @njit(parallel=True, cache=True)
-def gemv_groups(kern, qs, aB, cB, bpg, P, xsum, xscale, out):
+def gemv_groups(kern, qs, dB, mB, rule, bpg, P, xsum, xscale, out):
     """One token, per-group scales: an integer sum per group, groups combined in the reference's order. The
     combination runs across the task's rows at once, each row's own float operations unchanged, so it
-    vectorises over rows. ``aB``, ``cB``: the scalars blocked by task, ``(n_tasks, n_groups, ROWS_PER_TASK)``
-    (:func:`block_scalars`), so that a task reads its scalars as one contiguous stream."""
+    vectorises over rows. ``dB``, ``mB``: the stored float16 scalars' bits blocked by task, ``(n_tasks,
+    n_groups, ROWS_PER_TASK)`` (:func:`block_scalars`), so that a task reads them as one contiguous stream;
+    ``rule``: how (a, c) follow from them (:data:`SCALAR_RULE`)."""
     n_rows = qs.shape[0]
-    n_groups = aB.shape[1]
+    n_groups = dB.shape[1]
     for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         r0 = task * ROWS_PER_TASK
         nr = min(n_rows, r0 + ROWS_PER_TASK) - r0
@@ -633,13 +665,14 @@ def gemv_groups(kern, qs, aB, cB, bpg, P, xsum, xscale, out):
         for g in range(n_groups):
             xs, sc = np.float32(xsum[g]), xscale[g]
             for r in range(nr):
-                acc[r] += (aB[task, g, r] * np.float32(sums[0, g, r]) + cB[task, g, r] * xs) * sc
+                a, c = group_scalars(rule, dB, mB, task, g, r)
+                acc[r] += (a * np.float32(sums[0, g, r]) + c * xs) * sc
         for r in range(nr):
             out[r0 + r] = acc[r]
 
 
 @njit(parallel=True, cache=True)
-def gemm(kern, qs, a, c, aB, cB, bpg, P, xsum, xscale, uniform, out):
+def gemm(kern, qs, a, c, dB, mB, rule, bpg, P, xsum, xscale, uniform, out):
     """Batched: each row is read once and each chunk of its codes decoded once per four tokens. ``uniform``: one
     scale per row and per token (formats.uniform_row_scales), so a row is one integer sum per token; otherwise
     per-group sums combined as in gemv_groups."""
@@ -678,6 +711,7 @@ def gemm(kern, qs, a, c, aB, cB, bpg, P, xsum, xscale, uniform, out):
             for g in range(n_groups):
                 xs, sc = np.float32(xsum[t, g]), xscale[t, g]
                 for r in range(nr):
-                    acc[r] += (aB[task, g, r] * np.float32(sums[t, g, r]) + cB[task, g, r] * xs) * sc
+                    ag, cg = group_scalars(rule, dB, mB, task, g, r)
+                    acc[r] += (ag * np.float32(sums[t, g, r]) + cg * xs) * sc
             for r in range(nr):
                 out[t, r0 + r] = acc[r]
