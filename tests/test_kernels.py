@@ -357,9 +357,9 @@ def test_simd_paths_compile_to_their_instructions(path, tmp_path):
 
 
 def test_group_batches_give_the_same_bits_as_one_span_per_group():
-    """Rows long enough for the batched group sums (two batches and a remainder on the widest path here), for
-    every format with per-group scales whose groups qualify: the reference's bits, batched or not, for one token
-    (GEMV) and for batches of four tokens and a remainder (GEMM)."""
+    """Rows long enough for the batched group sums (two full-width batches, a batch of each narrower width and a
+    remainder, on every path here), for every format with per-group scales whose groups qualify: the reference's
+    bits, batched or not, for one token (GEMV) and for batches of four tokens and a remainder (GEMM)."""
     previous = fast.current_isa()
     rng = np.random.default_rng(12)
     try:
@@ -370,7 +370,10 @@ def test_group_batches_give_the_same_bits_as_one_span_per_group():
                 bpg = fmt.bytes_per_group(fmt.default_group)
                 if not simd.batched_groups(path, simd.KIND[fmt.fmt_id], bpg):
                     continue
-                k = fmt.default_group * (2 * simd.batch_lanes(path, bpg) + 3)
+                # two batches of the widest vectors, one of each narrower width, then three groups alone
+                widths = simd.batch_widths(path, bpg)
+                n_groups = 2 * simd.batch_lanes(widths[0]) + sum(map(simd.batch_lanes, widths[1:])) + 3
+                k = fmt.default_group * n_groups
                 pm = ref.quantize(weights(21, k, seed=5), name, scale="absmax")
                 x = rng.standard_normal((6, k)).astype(np.float32)
                 expected = ref.gemm(pm, x)

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 from llvmlite import binding as llvm
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import get_num_threads, njit, prange, types
 from numba.core import cgutils
 from numba.extending import NativeValue, intrinsic, models, register_model, typeof_impl, unbox
 
@@ -365,9 +365,15 @@ def batched_groups(isa: str, kind: str, bpg: int) -> bool:
     return kind != "3" and bpg >= 16 and bpg & (bpg - 1) == 0 and bpg <= 8 * WIDTH[isa]
 
 
-def batch_lanes(isa: str, bpg: int) -> int:
-    """Groups per batch: the int32 lanes of one vector of ``min(bpg, WIDTH)`` bytes."""
-    return min(bpg, WIDTH[isa]) // 4
+def batch_widths(isa: str, bpg: int) -> tuple[int, ...]:
+    """Vector widths (bytes) of the group batches, widest first: the ISA's full width (several groups per vector
+    where they are shorter), then, for the groups left after the full batches, the group's own width."""
+    return (WIDTH[isa],) if bpg >= WIDTH[isa] else (WIDTH[isa], bpg)
+
+
+def batch_lanes(width: int) -> int:
+    """Groups per batch of vectors ``width`` bytes wide: their int32 lanes."""
+    return width // 4
 
 
 def _merge_halves(builder, x, y):
@@ -379,19 +385,20 @@ def _merge_halves(builder, x, y):
     return builder.add(even, odd)
 
 
-def _emit_group_batches(builder, isa, kind, bpg, rowp, plane_ptrs, n_groups, store):
-    """Group sums of one row, ``lanes`` groups at a time, without a horizontal sum per group.
+def _emit_group_batches(builder, isa, kind, bpg, w, rowp, plane_ptrs, first, n_groups, store):
+    """Group sums of one row from group ``first`` on, ``lanes`` groups at a time, without a horizontal sum per
+    group.
 
-    Vectors of ``w = min(bpg, WIDTH)`` bytes (``lanes = w / 4`` int32 lanes): each group's products are summed
-    into one vector (its ``bpg / w`` chunks), so the group's sum is spread over all lanes. ``lanes`` such
-    vectors reduce to one holding a group per lane in log2(lanes) rounds of :func:`_merge_halves`, merged as
-    they come (a binary counter: at most log2(lanes) + 1 vectors live per token). Integer sums, so the same
-    values as one reduction per group. Returns the number of groups done (whole batches); the caller sums the
-    rest one span each (a partial batch would cost a whole one).
+    Vectors of ``w`` bytes (``lanes = w / 4`` int32 lanes), ``gpv = w / bpg`` groups each where groups are
+    shorter than a vector: each vector's products are summed into one vector (a group's ``bpg / w`` chunks, or
+    one load of ``gpv`` adjacent groups), so a group's sum is spread over ``lanes / gpv`` contiguous lanes.
+    ``lanes / gpv`` such vectors reduce to one holding a group per lane in log2(lanes / gpv) rounds of
+    :func:`_merge_halves`, merged as they come (a binary counter: at most log2(lanes) + 1 vectors live per
+    token), groups kept in order. Integer sums, so the same values as one reduction per group. Returns the
+    index of the first group not done (whole batches only: a partial batch would cost a whole one).
     """
     ntok, intp = len(plane_ptrs), n_groups.type
-    w = min(bpg, WIDTH[isa])
-    lanes, chunks = batch_lanes(isa, bpg), bpg // w
+    lanes, chunks, gpv = batch_lanes(w), max(1, bpg // w), max(1, w // bpg)
     v8, v16, v32 = ir.VectorType(I8, w), ir.VectorType(I16, w // 2), ir.VectorType(I32, lanes)
     block = BLOCK16[kind]  # chunks whose int16 sums may add up before widening (non-VNNI)
     ahead = PREFETCH_GEMV if ntok == 1 else PREFETCH_BATCH
@@ -399,13 +406,13 @@ def _emit_group_batches(builder, isa, kind, bpg, rowp, plane_ptrs, n_groups, sto
     def const(value):
         return ir.Constant(intp, value)
 
-    def group_vectors(g):
-        """Per token, the <lanes x i32> partial sums of group g."""
+    def vector_sums(g):
+        """Per token, the <lanes x i32> partial sums of group g (of groups g..g+gpv-1 where gpv > 1)."""
         accs = [ir.Constant(v32, None)] * ntok
         p16 = [ir.Constant(v16, None)] * ntok
         for c in range(chunks):
             at = builder.add(builder.mul(g, const(bpg)), const(c * w))
-            if (c * w) % 64 == 0:  # once per cache line (twice for 32-byte groups: cheaper than a branch)
+            if (c * w) % 64 == 0:  # once per cache line (twice for 32-byte vectors: cheaper than a branch)
                 _prefetch(builder, builder.gep(rowp, [builder.add(at, const(ahead))]))
             codes = _decode(builder, _load(builder, rowp, at, v8), kind)
             for n in range(ntok):
@@ -420,8 +427,8 @@ def _emit_group_batches(builder, isa, kind, bpg, rowp, plane_ptrs, n_groups, sto
 
     def batch(g0):
         stacks = [[] for _ in range(ntok)]  # (merge round, vector) per token
-        for j in range(lanes):
-            for n, v in enumerate(group_vectors(builder.add(g0, const(j)))):
+        for j in range(lanes // gpv):
+            for n, v in enumerate(vector_sums(builder.add(g0, const(j * gpv)))):
                 stack = stacks[n]
                 stack.append((0, v))
                 while len(stack) > 1 and stack[-1][0] == stack[-2][0]:
@@ -435,10 +442,10 @@ def _emit_group_batches(builder, isa, kind, bpg, rowp, plane_ptrs, n_groups, sto
                     builder.extract_element(stacks[n][0][1], ir.Constant(I32, j)),
                 )
 
-    full = builder.udiv(n_groups, const(lanes))
+    full = builder.udiv(builder.sub(n_groups, first), const(lanes))
     with cgutils.for_range(builder, full) as loop:
-        batch(builder.mul(loop.index, const(lanes)))
-    return builder.mul(full, const(lanes))
+        batch(builder.add(first, builder.mul(loop.index, const(lanes))))
+    return builder.add(first, builder.mul(full, const(lanes)))
 
 
 class Kern:
@@ -557,10 +564,11 @@ def _make_group_sums(ntok: int):
                     for n, s in enumerate(sums_g):
                         store(n, g, s)
 
+            done = ir.Constant(n_groups.type, 0)
             if batched_groups(isa, kind, bpg):
-                spans(_emit_group_batches(builder, isa, kind, bpg, rowp, ptrs, n_groups, store))
-            else:
-                spans(ir.Constant(n_groups.type, 0))
+                for w in batch_widths(isa, bpg):
+                    done = _emit_group_batches(builder, isa, kind, bpg, w, rowp, ptrs, done, n_groups, store)
+            spans(done)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -622,6 +630,13 @@ def group_scalars(rule, dB, mB, task, g, r):
     return d, -d
 
 
+@njit(inline="always")
+def task_chunks(n_tasks):
+    """How many parallel chunks share ``n_tasks`` row tasks: 8 per thread (balance), each allocating its scratch
+    once instead of once per task (2-5% of a 4096x4096 one-thread GEMV)."""
+    return max(1, min(n_tasks, 8 * get_num_threads()))
+
+
 @njit(cache=True)
 def gather_planes8(xq, index):
     """int8 planes ``(n_tokens, n_planes, row_bytes)`` of int8-valued activations ``xq`` ``(n_tokens, k)``."""
@@ -655,20 +670,24 @@ def gemv_groups(kern, qs, dB, mB, rule, bpg, P, xsum, xscale, out):
     ``rule``: how (a, c) follow from them (:data:`SCALAR_RULE`)."""
     n_rows = qs.shape[0]
     n_groups = dB.shape[1]
-    for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        r0 = task * ROWS_PER_TASK
-        nr = min(n_rows, r0 + ROWS_PER_TASK) - r0
+    n_tasks = (n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    n_chunks = task_chunks(n_tasks)
+    for chunk in prange(n_chunks):
         sums = np.empty((1, n_groups, ROWS_PER_TASK), np.int32)
-        for r in range(nr):
-            group_sums(kern, qs, r0 + r, P, 0, bpg, sums, r)
-        acc = np.zeros(ROWS_PER_TASK, np.float32)
-        for g in range(n_groups):
-            xs, sc = np.float32(xsum[g]), xscale[g]
+        acc = np.empty(ROWS_PER_TASK, np.float32)
+        for task in range(chunk * n_tasks // n_chunks, (chunk + 1) * n_tasks // n_chunks):
+            r0 = task * ROWS_PER_TASK
+            nr = min(n_rows, r0 + ROWS_PER_TASK) - r0
             for r in range(nr):
-                a, c = group_scalars(rule, dB, mB, task, g, r)
-                acc[r] += (a * np.float32(sums[0, g, r]) + c * xs) * sc
-        for r in range(nr):
-            out[r0 + r] = acc[r]
+                group_sums(kern, qs, r0 + r, P, 0, bpg, sums, r)
+            acc[:] = 0
+            for g in range(n_groups):
+                xs, sc = np.float32(xsum[g]), xscale[g]
+                for r in range(nr):
+                    a, c = group_scalars(rule, dB, mB, task, g, r)
+                    acc[r] += (a * np.float32(sums[0, g, r]) + c * xs) * sc
+            for r in range(nr):
+                out[r0 + r] = acc[r]
 
 
 @njit(parallel=True, cache=True)
@@ -684,34 +703,38 @@ def gemm(kern, qs, a, c, dB, mB, rule, bpg, P, xsum, xscale, uniform, out):
         for g in range(n_groups):
             xsum_total[t] += xsum[t, g]
     n4 = n_tok - n_tok % 4
-    for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        r0 = task * ROWS_PER_TASK
-        nr = min(n_rows, r0 + ROWS_PER_TASK) - r0
-        if uniform:
-            for i in range(r0, r0 + nr):
-                for t in range(0, n4, 4):
-                    s4 = span4(kern, qs, i, P, t, 0, n_bytes)
-                    for u in range(4):
-                        out[t + u, i] = (
-                            a[i, 0] * np.float32(s4[u]) + c[i, 0] * np.float32(xsum_total[t + u])
-                        ) * xscale[t + u, 0]
-                for t in range(n4, n_tok):
-                    s = span(kern, qs, i, P, t, 0, n_bytes)
-                    out[t, i] = (a[i, 0] * np.float32(s) + c[i, 0] * np.float32(xsum_total[t])) * xscale[t, 0]
-            continue
+    n_tasks = (n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    n_chunks = task_chunks(n_tasks)
+    for chunk in prange(n_chunks):
         sums = np.empty((n_tok, n_groups, ROWS_PER_TASK), np.int32)
-        for r in range(nr):
-            for t in range(0, n4, 4):
-                group_sums4(kern, qs, r0 + r, P, t, bpg, sums, r)
-            for t in range(n4, n_tok):
-                group_sums(kern, qs, r0 + r, P, t, bpg, sums, r)
         acc = np.empty(ROWS_PER_TASK, np.float32)
-        for t in range(n_tok):
-            acc[:] = 0
-            for g in range(n_groups):
-                xs, sc = np.float32(xsum[t, g]), xscale[t, g]
-                for r in range(nr):
-                    ag, cg = group_scalars(rule, dB, mB, task, g, r)
-                    acc[r] += (ag * np.float32(sums[t, g, r]) + cg * xs) * sc
+        for task in range(chunk * n_tasks // n_chunks, (chunk + 1) * n_tasks // n_chunks):
+            r0 = task * ROWS_PER_TASK
+            nr = min(n_rows, r0 + ROWS_PER_TASK) - r0
+            if uniform:
+                for i in range(r0, r0 + nr):
+                    for t in range(0, n4, 4):
+                        s4 = span4(kern, qs, i, P, t, 0, n_bytes)
+                        for u in range(4):
+                            out[t + u, i] = (
+                                a[i, 0] * np.float32(s4[u]) + c[i, 0] * np.float32(xsum_total[t + u])
+                            ) * xscale[t + u, 0]
+                    for t in range(n4, n_tok):
+                        s = span(kern, qs, i, P, t, 0, n_bytes)
+                        part = a[i, 0] * np.float32(s) + c[i, 0] * np.float32(xsum_total[t])
+                        out[t, i] = part * xscale[t, 0]
+                continue
             for r in range(nr):
-                out[t, r0 + r] = acc[r]
+                for t in range(0, n4, 4):
+                    group_sums4(kern, qs, r0 + r, P, t, bpg, sums, r)
+                for t in range(n4, n_tok):
+                    group_sums(kern, qs, r0 + r, P, t, bpg, sums, r)
+            for t in range(n_tok):
+                acc[:] = 0
+                for g in range(n_groups):
+                    xs, sc = np.float32(xsum[t, g]), xscale[t, g]
+                    for r in range(nr):
+                        ag, cg = group_scalars(rule, dB, mB, task, g, r)
+                        acc[r] += (ag * np.float32(sums[t, g, r]) + cg * xs) * sc
+                for r in range(nr):
+                    out[t, r0 + r] = acc[r]
