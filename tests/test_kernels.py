@@ -356,6 +356,28 @@ def test_simd_paths_compile_to_their_instructions(path, tmp_path):
         assert int(count) > 0 and wide == "True", (path, kind, count, wide)
 
 
+@pytest.mark.skipif(fast.current_isa() == "portable", reason="the SIMD kernels only")
+def test_the_kernels_can_be_cached_on_disk(recwarn):
+    """numba cannot cache a kernel that uses a dynamic global (the thread count, a ctypes pointer): it only warns,
+    and every process then compiles the kernel again, seconds per format. Each SIMD kernel, called with an
+    output layout no other caller uses (so it compiles here unless numba's cache already holds it), loads or
+    compiles without that warning, and computes the reference's product."""
+    pm = ref.quantize(weights(40, 512, seed=3), "tq2_0", scale="absmax")
+    x = np.random.default_rng(3).standard_normal((5, 512)).astype(np.float32)
+    acts = ref.prepare_activations(x, pm.k_padded, pm.group)
+    kern, bpg = fast._kern(pm), pm.fmt.bytes_per_group(pm.group)
+    planes = simd.gather_planes8(acts.x, fast._plane_index(pm))
+    a, c = fast._scalars(pm)
+    out = np.zeros((5, 2 * pm.n_rows), np.float32)[:, ::2]  # strided: a signature of its own
+    simd.gemm(kern, pm.qs, a, c, *fast._blocked_scalars(pm), bpg, planes, acts.xsum, acts.scale, False, out)
+    np.testing.assert_array_equal(out, ref.gemm(pm, x))
+    simd.gemv_groups(
+        kern, pm.qs, *fast._blocked_scalars(pm), bpg, planes[:1], acts.xsum[0], acts.scale[0], out[1]
+    )
+    np.testing.assert_array_equal(out[1], ref.gemm(pm, x[:1])[0])
+    assert not [w for w in recwarn if "Cannot cache" in str(w.message)]
+
+
 def test_group_batches_give_the_same_bits_as_one_span_per_group():
     """Rows long enough for the batched group sums (two full-width batches, a batch of each narrower width and a
     remainder, on every path here), for every format with per-group scales whose groups qualify: the reference's

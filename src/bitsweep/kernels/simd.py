@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 from llvmlite import binding as llvm
 from llvmlite import ir
-from numba import get_num_threads, njit, prange, types
+from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import NativeValue, intrinsic, models, register_model, typeof_impl, unbox
 
@@ -630,11 +630,10 @@ def group_scalars(rule, dB, mB, task, g, r):
     return d, -d
 
 
-@njit(inline="always")
-def task_chunks(n_tasks):
-    """How many parallel chunks share ``n_tasks`` row tasks: 8 per thread (balance), each allocating its scratch
-    once instead of once per task (2-5% of a 4096x4096 one-thread GEMV)."""
-    return max(1, min(n_tasks, 8 * get_num_threads()))
+# Parallel chunks of row tasks, each allocating its scratch once instead of once per task (2-5% of a 4096x4096
+# one-thread GEMV): enough to balance 16 threads; a constant, as numba cannot cache a kernel that asks for the
+# thread count.
+TASK_CHUNKS = 64
 
 
 @njit(cache=True)
@@ -671,7 +670,7 @@ def gemv_groups(kern, qs, dB, mB, rule, bpg, P, xsum, xscale, out):
     n_rows = qs.shape[0]
     n_groups = dB.shape[1]
     n_tasks = (n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    n_chunks = task_chunks(n_tasks)
+    n_chunks = min(n_tasks, TASK_CHUNKS)
     for chunk in prange(n_chunks):
         sums = np.empty((1, n_groups, ROWS_PER_TASK), np.int32)
         acc = np.empty(ROWS_PER_TASK, np.float32)
@@ -704,7 +703,7 @@ def gemm(kern, qs, a, c, dB, mB, rule, bpg, P, xsum, xscale, uniform, out):
             xsum_total[t] += xsum[t, g]
     n4 = n_tok - n_tok % 4
     n_tasks = (n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    n_chunks = task_chunks(n_tasks)
+    n_chunks = min(n_tasks, TASK_CHUNKS)
     for chunk in prange(n_chunks):
         sums = np.empty((n_tok, n_groups, ROWS_PER_TASK), np.int32)
         acc = np.empty(ROWS_PER_TASK, np.float32)
