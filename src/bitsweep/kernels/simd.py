@@ -703,6 +703,19 @@ def gemm(kern, qs, a, c, dB, mB, rule, bpg, P, xsum, xscale, uniform, out):
             xsum_total[t] += xsum[t, g]
     n4 = n_tok - n_tok % 4
     n_tasks = (n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    if uniform:  # one integer sum per row and token: no scratch
+        for task in prange(n_tasks):
+            for i in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
+                for t in range(0, n4, 4):
+                    s4 = span4(kern, qs, i, P, t, 0, n_bytes)
+                    for u in range(4):
+                        out[t + u, i] = (
+                            a[i, 0] * np.float32(s4[u]) + c[i, 0] * np.float32(xsum_total[t + u])
+                        ) * xscale[t + u, 0]
+                for t in range(n4, n_tok):
+                    s = span(kern, qs, i, P, t, 0, n_bytes)
+                    out[t, i] = (a[i, 0] * np.float32(s) + c[i, 0] * np.float32(xsum_total[t])) * xscale[t, 0]
+        return
     n_chunks = min(n_tasks, TASK_CHUNKS)
     for chunk in prange(n_chunks):
         sums = np.empty((n_tok, n_groups, ROWS_PER_TASK), np.int32)
@@ -710,19 +723,6 @@ def gemm(kern, qs, a, c, dB, mB, rule, bpg, P, xsum, xscale, uniform, out):
         for task in range(chunk * n_tasks // n_chunks, (chunk + 1) * n_tasks // n_chunks):
             r0 = task * ROWS_PER_TASK
             nr = min(n_rows, r0 + ROWS_PER_TASK) - r0
-            if uniform:
-                for i in range(r0, r0 + nr):
-                    for t in range(0, n4, 4):
-                        s4 = span4(kern, qs, i, P, t, 0, n_bytes)
-                        for u in range(4):
-                            out[t + u, i] = (
-                                a[i, 0] * np.float32(s4[u]) + c[i, 0] * np.float32(xsum_total[t + u])
-                            ) * xscale[t + u, 0]
-                    for t in range(n4, n_tok):
-                        s = span(kern, qs, i, P, t, 0, n_bytes)
-                        part = a[i, 0] * np.float32(s) + c[i, 0] * np.float32(xsum_total[t])
-                        out[t, i] = part * xscale[t, 0]
-                continue
             for r in range(nr):
                 for t in range(0, n4, 4):
                     group_sums4(kern, qs, r0 + r, P, t, bpg, sums, r)
