@@ -236,3 +236,93 @@ def test_generation_runs_each_blocks_sibling_projections_as_one_gemv(tiny_model_
     assert len(calls) == 3 * 4 * n_blocks + 3 * 7 * n_blocks
     for a, b in zip(together, apart, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def _qwen2_with_biases(out, tokenizer):
+    """A tiny Qwen2 (q/k/v biases), its biases random: transformers initialises them to zero."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(3)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, rope_theta=10000.0,
+    )  # fmt: skip
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("arch", "options"),
+    [
+        ("llama", {}),
+        (
+            "llama",
+            {"head": "int4", "head_group_size": 64},
+        ),  # packed tied head: packed embedding and head GEMV
+        ("qwen3", {}),  # per-head q/k norms, heads * head_dim != hidden
+        ("qwen2", {}),  # q/k/v biases
+    ],
+)
+def test_fused_decoding_follows_the_transformers_path(
+    tiny_model_dir, smol_tokenizer, tmp_path, arch, options
+):
+    """Generation after the prompt runs on NumPy and the packed kernels (bitnet.decode): the same logits as the
+    transformers path to float rounding, step after step past the cache's first growth (256 positions); the
+    untimed greedy continuations (a quality column) are still transformers' own, the same tokens bit for bit."""
+    from bitsweep.archs import make_tiny_model
+
+    model_dir = {
+        "llama": lambda: tiny_model_dir,
+        "qwen3": lambda: make_tiny_model("qwen3", tmp_path / "qwen3"),
+        "qwen2": lambda: _qwen2_with_biases(tmp_path / "qwen2", smol_tokenizer),
+    }[arch]()
+    artifact = quantize(model_dir, tmp_path, "tq2", 2, format="tq2_0", act="int8", **options)
+    fused = BitnetRunner(artifact.path, threads=2, n_ctx=512)
+    plain = BitnetRunner(artifact.path, threads=2, n_ctx=512, fused_decode=False)
+    assert (fused.decode_path, plain.decode_path) == ("fused", "transformers (fused_decode=False)")
+    assert fused.speed_info() == {"decode_path": "fused"}
+    ids = np.random.default_rng(5).integers(0, 1000, 262)
+    steps = {}
+    for name, runner in (("fused", fused), ("plain", plain)):
+        steps[name] = np.array([runner._prefill(ids[:250])] + [runner._step(int(t)) for t in ids[250:]])
+    assert fused.decoder.capacity == 512  # grew past 256 on the way
+    # float32 in another order: last bits, except where that tips an int8 activation code the other way (one
+    # step of the 13 for qwen3 here: 0.75% of the logits' scale)
+    diff = np.abs(steps["fused"] - steps["plain"]).max(axis=1) / np.abs(steps["plain"]).max()
+    assert np.sum(diff > 1e-5) <= 1 and diff.max() < 0.02, diff
+    assert np.array_equal(steps["fused"].argmax(1), steps["plain"].argmax(1))
+    assert np.array_equal(fused.greedy(ids[:40], 6), plain.greedy(ids[:40], 6))
+    prompt_s, gen_s = fused.generate(ids[:40], 6)
+    assert prompt_s > 0 and gen_s > 0
+
+
+def test_architectures_without_a_llama_block_decode_through_transformers():
+    """Phi-3 (fused projections, partial rotary embedding), Gemma 3, a Mistral whose sliding window falls within the
+    context are not the fused decoder's: it says why, and the runner keeps the transformers path."""
+    from transformers import (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Phi3Config,
+        Phi3ForCausalLM,
+    )
+
+    from bitsweep.backends.bitnet.decode import unsupported
+
+    small = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "pad_token_id": 0}  # fmt: skip
+    assert unsupported(LlamaForCausalLM(LlamaConfig(**small)), 512) is None
+    assert "'phi3'" in unsupported(Phi3ForCausalLM(Phi3Config(**small, partial_rotary_factor=0.75)), 512)
+    assert "'gemma3_text'" in unsupported(Gemma3ForCausalLM(Gemma3TextConfig(**small)), 512)
+    assert "hidden_act 'gelu'" in unsupported(LlamaForCausalLM(LlamaConfig(**small, hidden_act="gelu")), 512)
+    mistral = MistralForCausalLM(MistralConfig(**small, sliding_window=256))
+    assert "sliding-window" in unsupported(mistral, 512) and unsupported(mistral, 256) is None

@@ -282,7 +282,7 @@ def evaluate_runner(
             "load_seconds": load_seconds,
             "peak_rss_mb": peak_rss_mb(),
             "model_rss_mb": peak_rss_mb() - baseline,
-        }
+        } | runner.speed_info()
         quality, per_window = score(runner, windows, reference, cfg, keep)
         greedy = continuations(runner, windows, cfg)
         if keep is not None:

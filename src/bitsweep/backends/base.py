@@ -383,6 +383,10 @@ class BaseRunner:
             last = self._step(int(np.argmax(last)))
         return prompt_done - started, time.perf_counter() - prompt_done
 
+    def speed_info(self) -> dict[str, str]:
+        """How the timed generation ran where a runner has more than one way (bitnet: fused or transformers)."""
+        return {}
+
     def scoring_info(self) -> dict[str, str | float]:
         """What decided the scored logits beyond the artifact: a scoring path other than the runtime's own
         forward pass (MLX), runtime settings pinned for comparability (OpenVINO, bitnet)."""

@@ -203,9 +203,18 @@ def build_model(path: Path, act: str | None = None):
 class Runner(TorchRunner):
     """TorchRunner's scoring and timed generation, on the packed model."""
 
-    def __init__(self, path: str | Path, threads: int, n_ctx: int = 512, act: str | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        threads: int,
+        n_ctx: int = 512,
+        act: str | None = None,
+        fused_decode: bool = True,
+    ) -> None:
         import numba
         import torch
+
+        from bitsweep.backends.bitnet.decode import Decoder, unsupported
 
         BaseRunner.__init__(self, path, threads, n_ctx)
         torch.set_num_threads(threads)
@@ -214,6 +223,35 @@ class Runner(TorchRunner):
         self.model, self.info = build_model(Path(path), act)
         self._refuse_longer_than_trained()
         self.past = None
+        # Generation after the prompt runs on NumPy and the packed kernels where the block is Llama's
+        # (bitnet.decode); the prompt and every scored window stay on transformers' forward.
+        why_not = "fused_decode=False" if not fused_decode else unsupported(self.model, n_ctx)
+        self.decoder = None if why_not else Decoder(self.model)
+        self.decode_path = f"transformers ({why_not})" if why_not else "fused"
+
+    def _prefill(self, prompt: np.ndarray) -> np.ndarray:
+        last = super()._prefill(prompt)
+        if self.decoder is not None:
+            self.decoder.load_cache(self.past, len(prompt))
+            self.past = None  # the decoder's cache is the one that grows from here
+        return last
+
+    def _step(self, token: int) -> np.ndarray:
+        if self.decoder is None:
+            return super()._step(token)
+        return self.decoder.step(token)
+
+    def greedy(self, prompt: np.ndarray, n_new: int) -> np.ndarray:
+        """The untimed continuations (a quality column) come from transformers' forward, as the scored logits do:
+        its float parts are pinned to one code path on every host (INFO.evaluate_env), the decoder's are not."""
+        decoder, self.decoder = self.decoder, None
+        try:
+            return super().greedy(prompt, n_new)
+        finally:
+            self.decoder = decoder
+
+    def speed_info(self) -> dict[str, str]:
+        return {"decode_path": self.decode_path}
 
     def scoring_info(self) -> dict[str, str | float]:
         """The code paths the float parts ran on (bitnet's INFO.evaluate_env pins them in the workflow)."""
@@ -223,6 +261,10 @@ class Runner(TorchRunner):
 
         return {"torch_cpu_capability": self.torch.backends.cpu.get_cpu_capability(),
                 "mkl_cbwr": os.environ.get("MKL_CBWR", ""), "kernel_isa": fast.current_isa()}  # fmt: skip
+
+    def close(self) -> None:
+        super().close()
+        self.decoder = None
 
 
 BitnetRunner = Runner
