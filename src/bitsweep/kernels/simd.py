@@ -619,6 +619,22 @@ def half_to_float(typingctx, bits):
     return types.float32(types.uint16), codegen
 
 
+@intrinsic
+def prefetch(typingctx, array, offset):
+    """Prefetch the cache line at byte ``offset`` from the start of ``array`` (into every cache level; past the end
+    of the array it is a no-op: a prefetch never faults)."""
+    if not isinstance(array, types.Array) or not isinstance(offset, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        at = context.cast(builder, args[1], sig.args[1], types.intp)
+        _prefetch(builder, builder.gep(builder.bitcast(data, I8.as_pointer()), [at]))
+        return context.get_dummy_value()
+
+    return types.none(array, offset), codegen
+
+
 @njit(inline="always")
 def group_scalars(rule, dB, mB, task, g, r):
     """(a, c) of row ``task * ROWS_PER_TASK + r``, group ``g``, from the blocked float16 bits ``dB``, ``mB``."""

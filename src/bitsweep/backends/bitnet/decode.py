@@ -195,6 +195,22 @@ class Projection:
             return module(self.torch.from_numpy(x)[None]).float().numpy()[0]
 
 
+def float16_head(head) -> np.ndarray | None:
+    """The bits of a float LM head as float16 ``(vocab, hidden)`` uint16, if float16 holds every weight exactly
+    (the artifact keeps unpacked 2-D tensors in float16 by default: ``keep_dtype``; transformers holds them as
+    float32), else None. Generation then reads half the bytes per token, as llama.cpp's f16 head does; the
+    weights, and so the model, are the same."""
+    import torch
+
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return None
+    weight = head.weight.detach().numpy()
+    half = weight.astype(np.float16)
+    if not np.array_equal(half.astype(np.float32), weight):
+        return None
+    return half.view(np.uint16)
+
+
 class Block:
     """One decoder block's weights and projections, as :meth:`Decoder.step` reads them."""
 
@@ -236,6 +252,7 @@ class Decoder:
             self.embed, torch.nn.Embedding
         ) else None  # fmt: skip
         self.head = Projection([model.lm_head])
+        self.head16 = float16_head(model.lm_head)
         self.capacity, self.pos = 0, 0
         self.keys = self.values = self.cos = self.sin = None
         hidden = config.hidden_size
@@ -293,4 +310,10 @@ class Decoder:
             delta = block.down(act)
         add_rms_norm(h, delta, self.norm, self.norm_eps, x)
         self.pos = pos + 1
-        return self.head(x)
+        if self.head16 is None:
+            return self.head(x)
+        from bitsweep.kernels import fast
+
+        logits = np.empty(self.head16.shape[0], np.float32)
+        fast.gemv_f16(self.head16, x, logits)
+        return logits
