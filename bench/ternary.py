@@ -10,7 +10,9 @@ it; bitsweep.backends.bitnet.export writes those exact codes into a GGUF (each t
 own f32 conversion), so both runtimes run the same ternary weights; the embedding/head stays float in both (f16
 stored; llama.cpp multiplies in f16, we in fp32). Protocol: llama-bench's (prompt P from an empty cache, N tokens
 generated after one, R repeats, mean ± sd), the three sides interleaved per thread count, each side's machine
-load recorded. ``ratio_*``: ours over llama.cpp's (the issue's targets: >= 0.8 for generation and prompt).
+load recorded. ``ratio_*``: ours over llama.cpp's (the issue's targets: >= 0.8 for generation and prompt). Our
+generation runs the fused decoder (bitsweep.backends.bitnet.decode, ``bitnet_decode_path``); the packed-head model
+also generates through transformers' forward in the same rounds (``ratio_tg_fused_vs_transformers_decode``).
 
 A second pair runs the LM head packed, as llama.cpp's own TQ2_0 quantization stores it: ``llama-quantize ... TQ2_0``
 on the f32 GGUF (llama.cpp's ternary codes, token_embd/head in Q4_K: the same tensor types and sizes as a TQ2_0
@@ -105,6 +107,12 @@ def measure(made: dict, threads: int, args) -> dict:
             sides.setdefault("bitnet_tq2_0_head_int4", []).append(
                 runner_speed(runner, args.repeats, args.prompt, args.gen)
             )
+            decode_path = runner.decode_path
+        with BitnetRunner(made["artifact_head"], threads, 2048, fused_decode=False) as runner:
+            # the same model generating through transformers' forward (bitnet.decode off), in the same rounds
+            sides.setdefault("bitnet_tq2_0_head_int4_transformers_decode", []).append(
+                runner_speed(runner, args.repeats, args.prompt, args.gen)
+            )
         sides.setdefault("llamacpp_tq2_0_q4k_head", []).append(
             theirs(made["gguf_native"], threads, args.repeats, args.prompt, args.gen)
         )
@@ -126,6 +134,9 @@ def measure(made: dict, threads: int, args) -> dict:
         "ratio_tg_vs_llamacpp_packed_head": best["bitnet_tq2_0_head_int4"][tg] / best["llamacpp_tq2_0_q4k_head"][tg],
         "ratio_pp_vs_llamacpp_packed_head": best["bitnet_tq2_0_head_int4"][pp] / best["llamacpp_tq2_0_q4k_head"][pp],
         "ratio_tg_vs_torch_fp32_packed_head": best["bitnet_tq2_0_head_int4"][tg] / best["torch_fp32"][tg],
+        "ratio_tg_fused_vs_transformers_decode": best["bitnet_tq2_0_head_int4"][tg]
+        / best["bitnet_tq2_0_head_int4_transformers_decode"][tg],
+        "bitnet_decode_path": decode_path,
         "rounds": sides,
     }  # fmt: skip
 

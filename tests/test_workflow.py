@@ -168,6 +168,7 @@ def test_sweep_produces_sane_comparable_results(sweep):
     assert rows["bitnet/tq2_0"]["artifact"]["applied"]["nominal_bpw"] == 2.0625
     for key in ("bitnet/int4_g64", "bitnet/tq2_0"):  # the float parts ran on pinned code paths (evaluate_env)
         assert (m[key]["torch_cpu_capability"], m[key]["mkl_cbwr"]) == ("AVX2", "AVX2"), key
+        assert m[key]["decode_path"] == "fused", key  # SmolLM2 is a Llama: generation timed on bitnet.decode
     assert (
         m["bitnet/tq2_0"]["size_bytes"]
         < m["bitnet/int4_g64"]["size_bytes"]
