@@ -10,8 +10,9 @@ KV cache is copied into the decoder's, so every generated token after the first 
 
 The float parts follow transformers' formulas in float32 but not its operation order, so logits differ from the
 torch path's in the last bits, and an int8 activation code can round the other way (tests bound the difference and
-check the greedy tokens). Only generation uses this path: scored logits (perplexity, KLD) come from the torch
-forward and are unchanged.
+check the greedy tokens). A float LM head that float16 holds exactly is read as float16 (:func:`float16_head`).
+Only timed generation uses this path: scored logits (perplexity, KLD) and the untimed greedy continuations come
+from the torch forward and are unchanged.
 
 Architectures: those whose block is Llama's (``llama``, ``mistral``, ``qwen2`` with its q/k/v biases, ``qwen3``
 with its per-head q/k norms): pre-norm RMSNorm, rotary embedding over the whole head (cos/sin from the model's own
@@ -48,7 +49,7 @@ def unsupported(model, n_ctx: int) -> str | None:
 
 
 @njit(cache=True)
-def _rms_norm(x, w, eps, out):
+def rms_norm(x, w, eps, out):
     """``w * (x * rsqrt(mean(x**2) + eps))`` (LlamaRMSNorm; the mean accumulated in float64)."""
     total = 0.0
     for i in range(x.size):
@@ -63,12 +64,7 @@ def add_rms_norm(h, delta, w, eps, out):
     """The residual stream ``h += delta`` (in place), then ``out = RMSNorm(h)``: a block's two halves meet here."""
     for i in range(h.size):
         h[i] += delta[i]
-    _rms_norm(h, w, eps, out)
-
-
-@njit(cache=True)
-def rms_norm(x, w, eps, out):
-    _rms_norm(x, w, eps, out)
+    rms_norm(h, w, eps, out)
 
 
 @njit(cache=True)
@@ -97,13 +93,13 @@ def attend(qkv, n_heads, n_kv, head_dim, cos, sin, q_norm, k_norm, eps, keys, va
     for h in range(n_heads):
         head = q[h * head_dim : (h + 1) * head_dim]
         if q_norm.size:
-            _rms_norm(head, q_norm, eps, normed)
+            rms_norm(head, q_norm, eps, normed)
             head[:] = normed
         _rope(head, cos, sin, half)
     for g in range(n_kv):
         k = qkv[q_end + g * head_dim : q_end + (g + 1) * head_dim]
         if k_norm.size:
-            _rms_norm(k, k_norm, eps, normed)
+            rms_norm(k, k_norm, eps, normed)
             keys[g, pos] = normed
         else:
             keys[g, pos] = k
@@ -152,37 +148,26 @@ class Projection:
     def __init__(self, modules) -> None:
         import torch
 
-        self.torch = torch
-        self.modules = modules
-        first = getattr(modules[0], "stacked", None)
-        self.stacked = None
-        if first is not None and [getattr(m, "stacked", None) for m in modules] == [
-            (first[0], i) for i in range(len(modules))
-        ]:
-            self.stacked = first[0].pm  # the members in order are exactly the stack's rows
-        biases = [getattr(m, "bias", None) for m in modules]
-        widths = [self._rows(m) for m in modules]
-        self.bias = (
-            None
-            if all(b is None for b in biases)
-            else np.concatenate([
-                np.zeros(w, np.float32) if b is None else b.detach().float().numpy()
-                for b, w in zip(biases, widths, strict=True)
-            ])
-        )  # fmt: skip
-
-    @staticmethod
-    def _rows(module) -> int:
-        return module.pm.n_rows if hasattr(module, "pm") else module.out_features
+        self.torch, self.modules = torch, modules
+        stack = getattr(modules[0], "stacked", None)
+        in_order = stack is not None and all(
+            getattr(m, "stacked", None) == (stack[0], i) for i, m in enumerate(modules)
+        )
+        self.stacked = stack[0].pm if in_order and len(stack[0].rows) == len(modules) else None
+        self.bias = None
+        if self.stacked is not None and any(m.bias is not None for m in modules):
+            self.bias = np.concatenate([
+                np.zeros(m.pm.n_rows, np.float32) if m.bias is None else m.bias.detach().float().numpy()
+                for m in modules
+            ])  # fmt: skip
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         from bitsweep.kernels import fast
 
-        if self.stacked is not None:
-            y = fast.linear_token(self.stacked, x)
-        else:
-            y = np.concatenate([self._one(m, x) for m in self.modules])
-            return y  # each module's forward added its own bias
+        if self.stacked is None:  # each module adds its own bias
+            outs = [self._one(m, x) for m in self.modules]
+            return outs[0] if len(outs) == 1 else np.concatenate(outs)
+        y = fast.linear_token(self.stacked, x)
         return y if self.bias is None else y + self.bias
 
     def _one(self, module, x: np.ndarray) -> np.ndarray:
