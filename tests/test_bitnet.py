@@ -265,6 +265,7 @@ def _qwen2_with_biases(out, tokenizer):
         ("llama", {"head": "int4", "head_group_size": 64}),  # packed: packed embedding, head GEMV
         ("qwen3", {}),  # per-head q/k norms, heads * head_dim != hidden
         ("qwen2", {}),  # q/k/v biases
+        ("bitnet", {}),  # BitNet b1.58: sub-norms before o_proj and down_proj, squared-ReLU gate
     ],
 )
 def test_fused_decoding_follows_the_transformers_path(
@@ -278,6 +279,7 @@ def test_fused_decoding_follows_the_transformers_path(
     model_dir = {
         "llama": lambda: tiny_model_dir,
         "qwen3": lambda: make_tiny_model("qwen3", tmp_path / "qwen3"),
+        "bitnet": lambda: make_tiny_model("bitnet", tmp_path / "bitnet"),
         "qwen2": lambda: _qwen2_with_biases(tmp_path / "qwen2", smol_tokenizer),
     }[arch]()
     artifact = quantize(model_dir, tmp_path, "tq2", 2, format="tq2_0", act="int8", **options)

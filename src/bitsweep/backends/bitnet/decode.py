@@ -4,7 +4,7 @@ A generated token through transformers costs more outside the packed projections
 ternary Llama, one thread: 8.3 ms of compiled GEMVs, 7.2 ms of torch's attention, norms, rotary embedding, masks,
 cache bookkeeping and the modules' Python). :class:`Decoder` runs the same block on NumPy arrays: the projections
 through the packed kernels as before (``fast.linear_token``, the stacked q/k/v and gate/up rows as one GEMV each),
-RMSNorm, rotary embedding, attention over a NumPy KV cache and SiLU-gating as small numba kernels, a handful of
+RMSNorm, rotary embedding, attention over a NumPy KV cache and the MLP's gating as small numba kernels, a handful of
 compiled calls per block. The prompt still runs through transformers (its prefill is a GEMM over the prompt); its
 KV cache is copied into the decoder's, so every generated token after the first runs here.
 
@@ -15,9 +15,10 @@ Only timed generation uses this path: scored logits (perplexity, KLD) and the un
 from the torch forward and are unchanged.
 
 Architectures: those whose block is Llama's (``llama``, ``mistral``, ``qwen2`` with its q/k/v biases, ``qwen3``
-with its per-head q/k norms): pre-norm RMSNorm, rotary embedding over the whole head (cos/sin from the model's own
-rotary module, so scaled RoPE variants are the model's), grouped-query attention, SiLU-gated MLP. Others (Gemma 3,
-Phi-3, BitNet b1.58) decode through transformers as before: :func:`unsupported` says why.
+with its per-head q/k norms, ``bitnet``: BitNet b1.58's sub-norms and squared-ReLU gate): pre-norm RMSNorm, rotary
+embedding over the whole head (cos/sin from the model's own rotary module, so scaled RoPE variants are the
+model's), grouped-query attention, gated MLP. Others (Gemma 3, Phi-3) decode through transformers as before:
+:func:`unsupported` says why.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-FUSED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+FUSED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "bitnet")
+# the MLP's gate activation: SiLU (Llama and the others), squared ReLU (BitNet b1.58)
+ACTIVATIONS = {"silu": 0, "relu2": 1}
 
 
 def unsupported(model, n_ctx: int) -> str | None:
@@ -33,8 +36,8 @@ def unsupported(model, n_ctx: int) -> str | None:
     config = model.config
     if config.model_type not in FUSED_MODEL_TYPES:
         return f"model_type {config.model_type!r} (fused decoding covers {', '.join(FUSED_MODEL_TYPES)})"
-    if getattr(config, "hidden_act", "silu") != "silu":
-        return f"hidden_act {config.hidden_act!r} (fused decoding covers silu)"
+    if getattr(config, "hidden_act", "silu") not in ACTIVATIONS:
+        return f"hidden_act {config.hidden_act!r} (fused decoding covers {', '.join(ACTIVATIONS)})"
     window = getattr(config, "sliding_window", None)
     sliding = any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ())
     if (sliding or config.model_type == "mistral") and window and n_ctx > window:
@@ -50,7 +53,8 @@ def unsupported(model, n_ctx: int) -> str | None:
 
 @njit(cache=True)
 def rms_norm(x, w, eps, out):
-    """``w * (x * rsqrt(mean(x**2) + eps))`` (LlamaRMSNorm; the mean accumulated in float64)."""
+    """``w * (x * rsqrt(mean(x**2) + eps))`` (LlamaRMSNorm; the mean accumulated in float64). ``out`` may be
+    ``x``."""
     total = 0.0
     for i in range(x.size):
         total += np.float64(x[i]) * np.float64(x[i])
@@ -130,11 +134,17 @@ def attend(qkv, n_heads, n_kv, head_dim, cos, sin, q_norm, k_norm, eps, keys, va
 
 
 @njit(cache=True)
-def silu_gate(gate_up, n, out):
-    """``silu(gate) * up`` with ``gate_up = [gate (n) | up (n)]`` (silu(x) = x * sigmoid(x))."""
+def gate(gate_up, n, activation, out):
+    """``act(gate) * up`` with ``gate_up = [gate (n) | up (n)]``; ``activation`` (:data:`ACTIVATIONS`) 0: SiLU,
+    ``x * sigmoid(x)``; 1: squared ReLU, ``relu(x)**2``."""
     for i in range(n):
         g = gate_up[i]
-        out[i] = g / (np.float32(1.0) + np.exp(-g)) * gate_up[n + i]
+        if activation == 0:
+            a = g / (np.float32(1.0) + np.exp(-g))
+        else:
+            a = max(g, np.float32(0.0))
+            a = a * a
+        out[i] = a * gate_up[n + i]
 
 
 # --- the decoder -------------------------------------------------------------------------------------------------
@@ -199,7 +209,7 @@ def float16_head(head) -> np.ndarray | None:
 class Block:
     """One decoder block's weights and projections, as :meth:`Decoder.step` reads them."""
 
-    def __init__(self, layer) -> None:
+    def __init__(self, layer, config) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         self.ln_in = layer.input_layernorm.weight.detach().float().numpy()
         self.ln_post = layer.post_attention_layernorm.weight.detach().float().numpy()
@@ -209,10 +219,21 @@ class Block:
         self.gate_up = Projection([mlp.gate_proj, mlp.up_proj])
         self.down = Projection([mlp.down_proj])
         self.scaling = np.float32(attn.scaling)
-        empty = np.empty(0, np.float32)
-        self.q_norm = attn.q_norm.weight.detach().float().numpy() if hasattr(attn, "q_norm") else empty
-        self.k_norm = attn.k_norm.weight.detach().float().numpy() if hasattr(attn, "k_norm") else empty
-        self.qk_eps = np.float32(attn.q_norm.variance_epsilon) if hasattr(attn, "q_norm") else self.eps
+        self.activation = ACTIVATIONS[getattr(config, "hidden_act", "silu")]
+        # optional norms, empty where the architecture has none: Qwen3's per-head q/k norms, BitNet's sub-norms
+        # of the attention output (before o_proj) and of the gated MLP activation (before down_proj)
+        self.q_norm, self.qk_eps = _norm(attn, "q_norm")
+        self.k_norm, _ = _norm(attn, "k_norm")
+        self.attn_sub_norm, self.attn_sub_eps = _norm(attn, "attn_sub_norm")
+        self.ffn_sub_norm, self.ffn_sub_eps = _norm(mlp, "ffn_sub_norm")
+
+
+def _norm(parent, name: str) -> tuple[np.ndarray, np.float32]:
+    """An RMSNorm child's weight and epsilon, or an empty weight if ``parent`` has none of that name."""
+    norm = getattr(parent, name, None)
+    if norm is None:
+        return np.empty(0, np.float32), np.float32(0)
+    return norm.weight.detach().float().numpy(), np.float32(norm.variance_epsilon)
 
 
 class Decoder:
@@ -225,7 +246,7 @@ class Decoder:
         self.torch, self.model = torch, model
         config = model.config
         body = model.model
-        self.blocks = [Block(layer) for layer in body.layers]
+        self.blocks = [Block(layer, config) for layer in body.layers]
         self.n_heads = config.num_attention_heads
         self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
@@ -290,8 +311,12 @@ class Decoder:
                 add_rms_norm(h, delta, block.ln_in, block.eps, x)
             attend(block.qkv(x), self.n_heads, self.n_kv, self.head_dim, cos, sin, block.q_norm, block.k_norm,
                    block.qk_eps, self.keys[index], self.values[index], pos, block.scaling, att)  # fmt: skip
+            if block.attn_sub_norm.size:
+                rms_norm(att, block.attn_sub_norm, block.attn_sub_eps, att)
             add_rms_norm(h, block.o(att), block.ln_post, block.eps, x)
-            silu_gate(block.gate_up(x), self.n_inter, act)
+            gate(block.gate_up(x), self.n_inter, block.activation, act)
+            if block.ffn_sub_norm.size:
+                rms_norm(act, block.ffn_sub_norm, block.ffn_sub_eps, act)
             delta = block.down(act)
         add_rms_norm(h, delta, self.norm, self.norm_eps, x)
         self.pos = pos + 1
