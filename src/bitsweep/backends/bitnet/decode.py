@@ -26,6 +26,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from bitsweep.kernels import fast
+
 FUSED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "bitnet")
 # the MLP's gate activation: SiLU (Llama and the others), squared ReLU (BitNet b1.58)
 ACTIVATIONS = {"silu": 0, "relu2": 1}
@@ -172,8 +174,6 @@ class Projection:
             ])  # fmt: skip
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        from bitsweep.kernels import fast
-
         if self.stacked is None:  # each module adds its own bias
             outs = [self._one(m, x) for m in self.modules]
             return outs[0] if len(outs) == 1 else np.concatenate(outs)
@@ -181,8 +181,6 @@ class Projection:
         return y if self.bias is None else y + self.bias
 
     def _one(self, module, x: np.ndarray) -> np.ndarray:
-        from bitsweep.kernels import fast
-
         if getattr(module, "act", None) == "int8" and hasattr(module, "pm"):
             y = fast.linear_token(module.pm, x)
             return y if module.bias is None else y + module.bias.detach().numpy()
@@ -322,8 +320,6 @@ class Decoder:
         self.pos = pos + 1
         if self.head16 is None:
             return self.head(x)
-        from bitsweep.kernels import fast
-
         logits = np.empty(self.head16.shape[0], np.float32)
         fast.gemv_f16(self.head16, x, logits)
         return logits
