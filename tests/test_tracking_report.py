@@ -422,18 +422,25 @@ def test_screenshot_of_the_compare_view_of_a_real_store(tmp_path, results, monke
 
 
 def test_the_report_says_where_the_time_went(tmp_path):
-    """Snakemake's benchmark files (its own TSV columns) summed per rule, the costliest first."""
+    """Snakemake's benchmark files (its own TSV columns) summed per rule and backend, the costliest first, with
+    the cores each kept busy (CPU time over wall time)."""
     from bitsweep.report import rule_times, time_section
 
     header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
-    for rel, seconds, rss in [("quantize/m/llamacpp/q8_0.tsv", 12.5, "900.1"), ("quantize/m/mlx/a4.tsv", 30.0, "NA"),
-                              ("evaluate/m/reference/fp32.tsv", 20.0, "1800.0")]:  # fmt: skip
+    for rel, seconds, rss, cpu in [("quantize/m/llamacpp/q8_0.tsv", 12.5, "900.1", "25.0"),
+                                   ("quantize/m/llamacpp/q4_0.tsv", 30.0, "NA", "30.0"),
+                                   ("quantize/m/mlx/a4.tsv", 10.0, "NA", "NA"),
+                                   ("convert/m/onnx.tsv", 8.0, "700.0", "8.0"),
+                                   ("evaluate/m/reference/fp32.tsv", 20.0, "1800.0", "36.0")]:  # fmt: skip
         path = tmp_path / "benchmarks" / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(header + f"{seconds}\t0:00:{int(seconds):02d}\t{rss}\t1\t1\t1\t0\t0\t50\t1\n")
+        path.write_text(header + f"{seconds}\t0:00:{int(seconds):02d}\t{rss}\t1\t1\t1\t0\t0\t50\t{cpu}\n")
     times = rule_times(tmp_path / "benchmarks")
-    assert [(t["rule"], t["jobs"], t["total_s"], t["max_s"], t["max_rss_mb"]) for t in times] == [
-        ("quantize", 2, 42.5, 30.0, 900.1), ("evaluate", 1, 20.0, 20.0, 1800.0)]  # fmt: skip
+    assert [(t["rule"], t["what"], t["jobs"], t["total_s"], t["max_s"], t["max_rss_mb"]) for t in times][:2] == [
+        ("quantize", "llamacpp", 2, 42.5, 30.0, 900.1), ("evaluate", "reference", 1, 20.0, 20.0, 1800.0)]  # fmt: skip
+    assert [t["what"] for t in times[2:]] == ["mlx", "onnx"]
     lines = time_section(times)
-    assert "| quantize | 2 | 0.7 | 68% | 30 | 900.1 |" in lines
+    assert "| quantize | llamacpp | 2 | 0.7 | 53% | 30 | 1.29 | 900 |" in lines  # 55 s of CPU in 42.5 s
+    assert "| quantize | mlx | 1 | 0.2 | 12% | 10 | – | – |" in lines
+    assert "| convert | onnx | 1 | 0.1 | 10% | 8 | 1.00 | 700 |" in lines
     assert rule_times(tmp_path / "nowhere") == [] and time_section([]) == []

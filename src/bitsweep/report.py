@@ -158,21 +158,29 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def rule_times(bench_dir: Path) -> list[dict[str, Any]]:
-    """Where a sweep's time went, from Snakemake's benchmark files (``benchmarks/<rule>/...tsv``): per rule,
-    its jobs, their summed and longest wall time and the largest peak RSS, the costliest rule first."""
-    by_rule: dict[str, list[tuple[float, float]]] = {}
+    """Where a sweep's time went, from Snakemake's benchmark files (``benchmarks/<rule>/<model>/[<backend>/]
+    <name>.tsv``): per rule and backend (or format, for ``convert``), its jobs, their summed and longest wall time,
+    the cores they kept busy on average (CPU time over wall time: a 2-thread rule at 1.0 leaves a core idle) and
+    the largest peak RSS, the costliest first."""
+    jobs: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
     for tsv in sorted(bench_dir.rglob("*.tsv")) if bench_dir.is_dir() else []:
         with open(tsv, newline="") as handle:
             rows = list(csv.DictReader(handle, delimiter="\t"))
         if rows:
-            rss = rows[-1].get("max_rss", "NA")
-            by_rule.setdefault(tsv.relative_to(bench_dir).parts[0], []).append(
-                (float(rows[-1]["s"]), float(rss) if rss not in ("NA", "-", "") else math.nan)
+            parts = tsv.relative_to(bench_dir).parts
+            what = parts[2] if len(parts) >= 4 else Path(parts[2]).stem if len(parts) == 3 else ""
+            jobs.setdefault((parts[0], what), []).append(
+                (float(rows[-1]["s"]), _float(rows[-1].get("cpu_time")), _float(rows[-1].get("max_rss")))
             )
-    table = [{"rule": rule, "jobs": len(jobs), "total_s": sum(s for s, _ in jobs), "max_s": max(s for s, _ in jobs),
-              "max_rss_mb": max((r for _, r in jobs if not math.isnan(r)), default=math.nan)}
-             for rule, jobs in by_rule.items()]  # fmt: skip
+    table = [{"rule": rule, "what": what, "jobs": len(runs), "total_s": sum(s for s, _, _ in runs),
+              "max_s": max(s for s, _, _ in runs), "cores": sum(c for _, c, _ in runs) / max(sum(s for s, _, _ in runs), 1e-9),
+              "max_rss_mb": max((r for _, _, r in runs if not math.isnan(r)), default=math.nan)}
+             for (rule, what), runs in jobs.items()]  # fmt: skip
     return sorted(table, key=lambda r: -r["total_s"])
+
+
+def _float(value: str | None) -> float:
+    return float(value) if value not in (None, "NA", "-", "") else math.nan
 
 
 def time_section(times: list[dict[str, Any]]) -> list[str]:
@@ -180,12 +188,19 @@ def time_section(times: list[dict[str, Any]]) -> list[str]:
         return []
     total = sum(t["total_s"] for t in times)
     lines = ["", f"## Where the time went (Snakemake's benchmark files; {total / 60:.1f} min of job time in all)", "",
-             "Job time summed per rule; jobs that ran side by side overlap, so the sweep's wall time is shorter.", "",
-             "| rule | jobs | total min | share | longest job s | peak RSS MB |", "|---|---|---|---|---|---|"]  # fmt: skip
+             "Job time summed per rule and backend; jobs that ran side by side overlap, so the sweep's wall time is "
+             "shorter. *Cores busy*: CPU time over wall time (a job given 2 threads at 1.0 leaves a core idle).", "",
+             "| rule | backend / format | jobs | total min | share | longest job s | cores busy | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for t in times:
-        lines.append(f"| {t['rule']} | {t['jobs']} | {t['total_s'] / 60:.1f} | {t['total_s'] / total:.0%} | "
-                     f"{t['max_s']:.0f} | {_num(t['max_rss_mb']) if not math.isnan(t['max_rss_mb']) else '–'} |")  # fmt: skip
+        lines.append(f"| {t['rule']} | {t['what'] or '–'} | {t['jobs']} | {t['total_s'] / 60:.1f} | "
+                     f"{t['total_s'] / total:.0%} | {t['max_s']:.0f} | {_dash(t['cores'], '{:.2f}')} | "
+                     f"{_dash(t['max_rss_mb'], '{:.0f}')} |")  # fmt: skip
     return lines
+
+
+def _dash(value: float, fmt: str) -> str:
+    return "–" if math.isnan(value) else fmt.format(value)
 
 
 def write_tables(rows: list[dict[str, Any]], out_dir: Path, times: list[dict[str, Any]] = ()) -> None:
