@@ -181,6 +181,8 @@ def test_parallel_jobs_log_to_a_tracking_server(tmp_path, results, mlflow_server
 
     from mlflow.tracking import MlflowClient
 
+    from bitsweep.cli import USAGE_PREFIX
+
     check_tracking_reachable(mlflow_server)  # the preflight's probe passes against a real server
     sweep = init_tracking(TrackingConfig(uri=mlflow_server), "served", tmp_path / "sweep.json")
     more = [write_json(tmp_path / f"v{i}.json", {**json.loads(results[1].read_text()), "scheme": f"v{i}"})
@@ -193,6 +195,7 @@ def test_parallel_jobs_log_to_a_tracking_server(tmp_path, results, mlflow_server
     outputs = [job.communicate(timeout=300)[0] for job in jobs]
     assert all(job.returncode == 0 for job in jobs), "\n".join(o[-1500:] for o in outputs)
     assert not any("database is locked" in o for o in outputs)
+    assert all(o.strip().splitlines()[-1].startswith(USAGE_PREFIX) for o in outputs)  # the time table's cores
     client = MlflowClient(mlflow_server)
     children = client.search_runs(
         [sweep["experiment_id"]], f"tags.mlflow.parentRunId = '{sweep['parent_run_id']}'"
@@ -423,24 +426,34 @@ def test_screenshot_of_the_compare_view_of_a_real_store(tmp_path, results, monke
 
 def test_the_report_says_where_the_time_went(tmp_path):
     """Snakemake's benchmark files (its own TSV columns) summed per rule and backend, the costliest first, with
-    the cores each kept busy (CPU time over wall time)."""
+    the cores each kept busy from the usage line that ends each job's log (CPU over wall seconds)."""
+    from bitsweep.cli import USAGE_PREFIX, usage_line
     from bitsweep.report import rule_times, time_section
 
+    own = json.loads(usage_line(1.5).removeprefix(USAGE_PREFIX))  # this process's CPU so far
+    assert own["wall_s"] == 1.5 and own["cpu_s"] > 0
+
     header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
-    for rel, seconds, rss, cpu in [("quantize/m/llamacpp/q8_0.tsv", 12.5, "900.1", "25.0"),
-                                   ("quantize/m/llamacpp/q4_0.tsv", 30.0, "NA", "30.0"),
-                                   ("quantize/m/mlx/a4.tsv", 10.0, "NA", "NA"),
-                                   ("convert/m/onnx.tsv", 8.0, "700.0", "8.0"),
-                                   ("evaluate/m/reference/fp32.tsv", 20.0, "1800.0", "36.0")]:  # fmt: skip
-        path = tmp_path / "benchmarks" / rel
+    for rel, seconds, rss, usage in [("quantize/m/llamacpp/q8_0", 12.5, "900.1", (12.0, 24.0)),
+                                     ("quantize/m/llamacpp/q4_0", 30.0, "NA", (30.0, 30.0)),
+                                     ("quantize/m/mlx/a4", 10.0, "NA", None),
+                                     ("convert/m/onnx", 8.0, "700.0", (8.0, 4.0)),
+                                     ("evaluate/m/reference/fp32", 20.0, "1800.0", (20.0, 36.0))]:  # fmt: skip
+        path = tmp_path / "benchmarks" / f"{rel}.tsv"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(header + f"{seconds}\t0:00:{int(seconds):02d}\t{rss}\t1\t1\t1\t0\t0\t50\t{cpu}\n")
+        path.write_text(header + f"{seconds}\t0:00:{int(seconds):02d}\t{rss}\t1\t1\t1\t0\t0\t50\t1\n")
+        if usage:
+            log = tmp_path / "logs" / f"{rel}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            wall_cpu = json.dumps({"wall_s": usage[0], "cpu_s": usage[1]})
+            log.write_text(f"INFO something\n{USAGE_PREFIX}{wall_cpu}\n")
     times = rule_times(tmp_path / "benchmarks")
     assert [(t["rule"], t["what"], t["jobs"], t["total_s"], t["max_s"], t["max_rss_mb"]) for t in times][:2] == [
         ("quantize", "llamacpp", 2, 42.5, 30.0, 900.1), ("evaluate", "reference", 1, 20.0, 20.0, 1800.0)]  # fmt: skip
     assert [t["what"] for t in times[2:]] == ["mlx", "onnx"]
     lines = time_section(times)
-    assert "| quantize | llamacpp | 2 | 0.7 | 53% | 30 | 1.29 | 900 |" in lines  # 55 s of CPU in 42.5 s
-    assert "| quantize | mlx | 1 | 0.2 | 12% | 10 | – | – |" in lines
-    assert "| convert | onnx | 1 | 0.1 | 10% | 8 | 1.00 | 700 |" in lines
+    # q8_0: 24 CPU s in 12 s of its own, over Snakemake's 12.5 s: 25 s; q4_0 30 s: 55 s of CPU in 42.5 s
+    assert "| quantize | llamacpp | 2 | 0.7 | 53% | 30 | 1.29 | 900 |" in lines
+    assert "| quantize | mlx | 1 | 0.2 | 12% | 10 | – | – |" in lines  # no usage line in its log
+    assert "| convert | onnx | 1 | 0.1 | 10% | 8 | 0.50 | 700 |" in lines
     assert rule_times(tmp_path / "nowhere") == [] and time_section([]) == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -160,23 +161,43 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 def rule_times(bench_dir: Path) -> list[dict[str, Any]]:
     """Where a sweep's time went, from Snakemake's benchmark files (``benchmarks/<rule>/<model>/[<backend>/]
     <name>.tsv``): per rule and backend (or format, for ``convert``), its jobs, their summed and longest wall time,
-    the cores they kept busy on average (CPU time over wall time: a 2-thread rule at 1.0 leaves a core idle) and
-    the largest peak RSS, the costliest first."""
+    the cores they kept busy on average (CPU time over wall time, from each job's log: a 2-thread rule at 1.0
+    leaves a core idle) and the largest peak RSS, the costliest first."""
     jobs: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
     for tsv in sorted(bench_dir.rglob("*.tsv")) if bench_dir.is_dir() else []:
         with open(tsv, newline="") as handle:
             rows = list(csv.DictReader(handle, delimiter="\t"))
         if rows:
-            parts = tsv.relative_to(bench_dir).parts
+            rel = tsv.relative_to(bench_dir)
+            parts = rel.parts
             what = parts[2] if len(parts) >= 4 else Path(parts[2]).stem if len(parts) == 3 else ""
+            wall = float(rows[-1]["s"])
             jobs.setdefault((parts[0], what), []).append(
-                (float(rows[-1]["s"]), _float(rows[-1].get("cpu_time")), _float(rows[-1].get("max_rss")))
-            )
+                (wall, job_cpu_seconds(bench_dir.parent / "logs" / rel.with_suffix(".log"), wall),
+                 _float(rows[-1].get("max_rss")))
+            )  # fmt: skip
     table = [{"rule": rule, "what": what, "jobs": len(runs), "total_s": sum(s for s, _, _ in runs),
               "max_s": max(s for s, _, _ in runs), "cores": sum(c for _, c, _ in runs) / max(sum(s for s, _, _ in runs), 1e-9),
               "max_rss_mb": max((r for _, _, r in runs if not math.isnan(r)), default=math.nan)}
              for (rule, what), runs in jobs.items()]  # fmt: skip
     return sorted(table, key=lambda r: -r["total_s"])
+
+
+def job_cpu_seconds(log: Path, wall_s: float) -> float:
+    """A job's CPU seconds from the usage line ``scripts/run_stage.py`` ends its log with (NaN without one),
+    scaled to Snakemake's wall time, which also counts the shell around the process."""
+    from bitsweep.cli import USAGE_PREFIX
+
+    try:
+        last = [
+            line for line in log.read_text(errors="replace").splitlines() if line.startswith(USAGE_PREFIX)
+        ][-1:]
+    except OSError:
+        return math.nan
+    if not last:
+        return math.nan
+    usage = json.loads(last[0][len(USAGE_PREFIX) :])
+    return usage["cpu_s"] * wall_s / usage["wall_s"] if usage["wall_s"] > 0 else math.nan
 
 
 def _float(value: str | None) -> float:
