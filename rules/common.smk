@@ -172,6 +172,10 @@ def backend_threads(wildcards):
     return settings_of(wildcards.backend).threads
 
 
+def quantize_threads(wildcards):
+    return scheme_of(wildcards).quantize_threads(backend_threads(wildcards))
+
+
 def backend_mem_mb(wildcards):
     """A backend's memory for its jobs, so the scheduler can pack them: backends.<backend>.mem_mb, or more where
     the model's size says its quantizer needs more (bitsweep.planning)."""

@@ -14,7 +14,7 @@ rule convert:
     params:
         model=model_json,
         options=convert_options,
-    threads: 2
+    threads: 1  # every converter keeps one core busy (0.5-1.04 cores measured): two run side by side
     resources:
         mem_mb=convert_mem_mb,
     shell:
@@ -31,6 +31,8 @@ rule check_conversion:
         f"{OUT}/converted/{{model}}/{{format}}.check.json",
     log:
         f"{LOGS}/check_conversion/{{model}}/{{format}}.log",
+    benchmark:
+        f"{BENCH}/check_conversion/{{model}}/{{format}}.tsv"
     params:
         model=model_json,
     threads: EXP.eval.threads

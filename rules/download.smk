@@ -18,6 +18,8 @@ rule prepare_text:
         info="data/text/{corpus}/info.json",
     log:
         f"{LOGS}/prepare_text/{{corpus}}.log",
+    benchmark:
+        f"{BENCH}/prepare_text/{{corpus}}.tsv"
     params:
         text=to_json(EXP.eval.text),
     shell:

@@ -11,6 +11,8 @@ rule tokenize_eval:
         f"{OUT}/windows/{{model}}.npz",
     log:
         f"{LOGS}/tokenize_eval/{{model}}.log",
+    benchmark:
+        f"{BENCH}/tokenize_eval/{{model}}.tsv"
     params:
         n_ctx=EXP.eval.n_ctx,
         n_windows=EXP.eval.n_windows,
@@ -76,6 +78,8 @@ rule profile_on_device:
         f"{OUT}/device/{{model}}/{{backend}}/{{scheme}}.json",
     log:
         f"{LOGS}/profile_on_device/{{model}}/{{backend}}/{{scheme}}.log",
+    benchmark:
+        f"{BENCH}/profile_on_device/{{model}}/{{backend}}/{{scheme}}.tsv"
     params:
         settings=get_settings_json,
     shell:

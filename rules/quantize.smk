@@ -36,7 +36,7 @@ rule quantize:
         scheme=get_scheme_json,
         settings=get_settings_json,
         calibration=calibration_args,
-    threads: backend_threads
+    threads: quantize_threads
     resources:
         mem_mb=backend_mem_mb,
     shell:

@@ -11,6 +11,8 @@ rule aggregate_results:
         report(f"{OUT}/report/bpb_vs_size.png", category="Plots", caption="../report/bpb_vs_size.rst"),
     log:
         f"{LOGS}/aggregate_results.log",
+    benchmark:
+        f"{BENCH}/aggregate_results.tsv"
     params:
         out_dir=output_dir,
     shell:
@@ -27,6 +29,8 @@ rule screenshot_mlflow:
         report(f"{OUT}/report/mlflow_compare.png", category="MLflow", caption="../report/mlflow_compare.rst"),
     log:
         f"{LOGS}/screenshot_mlflow.log",
+    benchmark:
+        f"{BENCH}/screenshot_mlflow.tsv"
     shell:
         "python scripts/run_stage.py screenshot_mlflow --tracking {input.tracking:q} --out {output:q} > {log:q} 2>&1"
 

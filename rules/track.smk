@@ -7,6 +7,8 @@ rule init_tracking:
         f"{OUT}/tracking/sweep.json",
     log:
         f"{LOGS}/init_tracking.log",
+    benchmark:
+        f"{BENCH}/init_tracking.tsv"
     params:
         tracking=to_json(EXP.tracking),
         experiment=EXP.name,
@@ -25,6 +27,8 @@ rule log_variant:
         f"{OUT}/tracking/{{model}}/{{backend}}/{{scheme}}.json",
     log:
         f"{LOGS}/log_variant/{{model}}/{{backend}}/{{scheme}}.log",
+    benchmark:
+        f"{BENCH}/log_variant/{{model}}/{{backend}}/{{scheme}}.tsv"
     wildcard_constraints:
         backend="|".join([*EXP.schemes, "reference"]),
         scheme="|".join([*(v.name for v in VARIANTS), "fp32"]),

@@ -151,6 +151,20 @@ def test_resources_never_reach_a_jobs_params():
     assert "threads" not in output_settings(exp.backends["qnn"])
 
 
+def test_one_core_quantizers_claim_one_thread_so_two_share_the_machine():
+    """Quantize jobs claim the cores their quantizer keeps busy (measured: the report's time table): NNCF's data-free
+    compression and the ONNX family's quantizers one, llama.cpp and NNCF's data-aware methods the threads setting."""
+    exp = load_experiment(
+        CONFIGS, "default", ["+backends.llamacpp.threads=4", "+backends.openvino.threads=4"]
+    )
+    threads = {s.variant: s.quantize_threads(exp.backends[s.backend].threads) for s in exp.variants()}
+    assert threads["llamacpp/q4_k_m"] == threads["llamacpp/iq1_s"] == 4
+    assert threads["openvino/int4_asym_gptq"] == threads["openvino/int8_static"] == 4  # data-aware
+    assert threads["openvino/int4_asym_g128"] == threads["openvino/int8_sym"] == 1
+    for backend in ("bitnet", "mlx", "olive", "onnxruntime", "qnn"):
+        assert {n for v, n in threads.items() if v.startswith(f"{backend}/")} == {1}, backend
+
+
 def test_bits_a_backend_lacks_are_rejected():
     with pytest.raises(ConfigError, match="cannot quantize to 7 bits"):
         SchemeConfig(backend="llamacpp", name="x", bits=7, options={"type": "Q8_0"})

@@ -231,6 +231,11 @@ class SchemeConfig:
         """Whether quantization reads calibration data (importance matrix, data-aware or static methods)."""
         return backend_info(self.backend).needs_calibration(self.options)
 
+    def quantize_threads(self, threads: int) -> int:
+        """Threads its quantize job claims from the scheduler, given the backend's ``threads`` setting (one where
+        the backend's quantizer keeps one core busy, so two such jobs share a 2-core machine)."""
+        return backend_info(self.backend).quantize_threads(self.options, threads)
+
 
 @dataclass(frozen=True)
 class ExperimentConfig:

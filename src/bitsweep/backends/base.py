@@ -134,6 +134,9 @@ class BackendInfo:
     evaluate_footprint: Footprint = field(default_factory=Footprint)  # of its runner, before the logits
     # environment of its evaluation jobs (set before the process imports anything; the Snakefile's evaluate rule)
     evaluate_env: dict[str, str] = field(default_factory=dict)
+    # Its quantizer keeps about one core busy whatever the threads setting (CPU over wall seconds, the report's
+    # time table): its jobs claim one thread, so the scheduler runs two side by side (quantize_threads).
+    one_core_quantizer: bool = False
 
     @property
     def bits(self) -> frozenset[int]:
@@ -186,6 +189,11 @@ class BackendInfo:
     def needs_calibration(self, options: dict[str, Any]) -> bool:
         """Whether quantizing with ``options`` reads the calibration text (or the backend's calibration step)."""
         return bool(options.get("dataset"))
+
+    def quantize_threads(self, options: dict[str, Any], threads: int) -> int:
+        """Threads a quantize job of this scheme claims from the scheduler (a resource: the artifact does not
+        depend on it). ``threads`` is the backend's setting."""
+        return 1 if self.one_core_quantizer else threads
 
     def convert_options(self, settings: BackendSettings) -> dict[str, Any]:
         """What this backend asks of the conversion to its source format (e.g. llama.cpp's outtype)."""

@@ -30,6 +30,7 @@ INFO = BitnetInfo(
     quantize_footprint=Footprint(400, 8.0),
     evaluate_footprint=Footprint(700, 8.0),
     name="bitnet",
+    one_core_quantizer=True,  # packing in NumPy/numba: 0.95 cores (default sweep, 2-core host)
     package=__name__,
     settings=BackendSettings,  # threads and mem_mb only
     source_format=HF_FORMAT,

@@ -81,6 +81,7 @@ INFO = MLXInfo(
     quantize_footprint=Footprint(600, 8.0),
     evaluate_footprint=Footprint(900, 10.0),
     name="mlx",
+    one_core_quantizer=True,  # mlx-lm's quantizer on MLX's CPU backend: 0.97 cores
     package=__name__,
     settings=Settings,
     source_format=MLX,

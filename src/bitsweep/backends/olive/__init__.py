@@ -18,6 +18,7 @@ INFO = BackendInfo(
     quantize_footprint=Footprint(700, 24.0),
     evaluate_footprint=Footprint(700, 8.0),
     name="olive",
+    one_core_quantizer=True,  # Olive's passes (ONNX rewriting, ONNX Runtime's quantizers): 0.4-0.8 cores
     package=__name__,
     settings=BackendSettings,  # threads and mem_mb only
     source_format=ONNX,

@@ -22,6 +22,7 @@ INFO = BackendInfo(
     quantize_footprint=Footprint(400, 24.0),
     evaluate_footprint=Footprint(700, 8.0),
     name="onnxruntime",
+    one_core_quantizer=True,  # ONNX Runtime's quantizers, calibration included: 1.0-1.2 cores
     package=__name__,
     settings=Settings,
     source_format=ONNX,
