@@ -3,12 +3,14 @@ workflow, onnxruntime's QNN QDQ tooling, and the Qualcomm AI Hub client path up 
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
 
-from bitsweep.backends.onnx_family import OnnxRunner, export_onnx, window_feeds
+from bitsweep.backends.onnx_family import OnnxRunner, export_onnx, quantizes_activations, window_feeds
 from bitsweep.backends.qnn.settings import Settings as QnnSettings
 from bitsweep.backends.torch_ref import TorchRunner
 from bitsweep.config import SchemeConfig
@@ -95,13 +97,29 @@ def test_onnxruntime_formats_store_the_claimed_types(tiny_onnx, tmp_path, calib_
     q_proj = next(n for n in model.graph.node if n.name.startswith("/model/layers.0/self_attn/q_proj"))
     packed = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == q_proj.input[1]))
     assert packed.dtype == np.uint8 and packed.shape == (64, 2, 16)
+    # Which graphs decode greedy continuations as a batch: those whose activations stay float. The artifact's
+    # record of its ops decides; without one, the graph itself.
+    assert [OnnxRunner(a.path, 2).batch_greedy for a in (dynamic, qdq, int4)] == [False, False, True]
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(dynamic.model_file, bare / "model.onnx")
+    assert quantizes_activations(bare) and not quantizes_activations(tiny_onnx)
 
 
 def test_onnxruntime_kld_orders_8_below_4_below_2_bits(tiny_onnx, tmp_path):
-    kld = {bits: kld_vs(tiny_onnx, quantize("onnxruntime", tiny_onnx, tmp_path, f"int{bits}", bits,
-                                            format=f"BLOCK_INT{bits}", block_size=32))
-           for bits in (8, 4, 2)}  # fmt: skip
+    artifacts = {bits: quantize("onnxruntime", tiny_onnx, tmp_path, f"int{bits}", bits, format=f"BLOCK_INT{bits}",
+                                block_size=32) for bits in (8, 4, 2)}  # fmt: skip
+    kld = {bits: kld_vs(tiny_onnx, artifact) for bits, artifact in artifacts.items()}
     assert 0 < kld[8] < kld[4] < kld[2]
+    # The greedy continuations (a quality column) decoded as one batch are those decoded one prompt at a time.
+    prompts = np.stack([IDS[i : i + 12] for i in range(0, 40, 5)])
+    for artifact in (tiny_onnx, *artifacts.values()):
+        runner = OnnxRunner(artifact if artifact == tiny_onnx else artifact.path, 2)
+        assert runner.batch_greedy  # float activations: no quantization op on them
+        batched = runner.greedy_many(prompts, 10)
+        assert batched.shape == (8, 10) and np.array_equal(
+            batched, np.stack([runner.greedy(p, 10) for p in prompts])
+        )
 
 
 def test_onnxruntime_rejects_a_bit_width_its_quantizer_lacks():
@@ -141,6 +159,8 @@ def test_qnn_qdq_models_use_16_bit_activations_and_keep_the_mask_float(tiny_onnx
                                     for n in model.graph.node)  # fmt: skip
     assert "int4" in w4a16.meta["applied"]["weight_types"]
     assert kld_vs(tiny_onnx, w8a16) < 0.05
+    # 16-bit QDQ activations decoded other tokens in a batch than alone (SmolLM2): one prompt at a time
+    assert not OnnxRunner(w8a16.path, 2).batch_greedy and not OnnxRunner(w4a16.path, 2).batch_greedy
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -437,6 +437,7 @@ def test_the_report_says_where_the_time_went(tmp_path):
     for rel, seconds, rss, usage in [("quantize/m/llamacpp/q8_0", 12.5, "900.1", (12.0, 24.0)),
                                      ("quantize/m/llamacpp/q4_0", 30.0, "NA", (30.0, 30.0)),
                                      ("quantize/m/mlx/a4", 10.0, "NA", None),
+                                     ("quantize/m/mlx/a8", 4.0, "NA", (4.0, 2.0)),
                                      ("convert/m/onnx", 8.0, "700.0", (8.0, 4.0)),
                                      ("evaluate/m/reference/fp32", 20.0, "1800.0", (20.0, 36.0))]:  # fmt: skip
         path = tmp_path / "benchmarks" / f"{rel}.tsv"
@@ -453,7 +454,9 @@ def test_the_report_says_where_the_time_went(tmp_path):
     assert [t["what"] for t in times[2:]] == ["mlx", "onnx"]
     lines = time_section(times)
     # q8_0: 24 CPU s in 12 s of its own, over Snakemake's 12.5 s: 25 s; q4_0 30 s: 55 s of CPU in 42.5 s
-    assert "| quantize | llamacpp | 2 | 0.7 | 53% | 30 | 1.29 | 900 |" in lines
-    assert "| quantize | mlx | 1 | 0.2 | 12% | 10 | – | – |" in lines  # no usage line in its log
-    assert "| convert | onnx | 1 | 0.1 | 10% | 8 | 0.50 | 700 |" in lines
+    assert "| quantize | llamacpp | 2 | 0.7 | 50% | 30 | 1.29 | 900 |" in lines
+    assert (
+        "| quantize | mlx | 2 | 0.2 | 17% | 10 | 0.50 | – |" in lines
+    )  # a8's log says, a4's has no usage line
+    assert "| convert | onnx | 1 | 0.1 | 9% | 8 | 0.50 | 700 |" in lines
     assert rule_times(tmp_path / "nowhere") == [] and time_section([]) == []

@@ -235,11 +235,7 @@ def agreement_prompts(windows: Windows, cfg: EvalConfig) -> np.ndarray:
 
 def continuations(runner: Runner, windows: Windows, cfg: EvalConfig) -> np.ndarray:
     prompts = agreement_prompts(windows, cfg)
-    return (
-        np.stack([runner.greedy(p, cfg.agreement.new_tokens) for p in prompts])
-        if len(prompts)
-        else np.empty((0, 0))
-    )
+    return runner.greedy_many(prompts, cfg.agreement.new_tokens) if len(prompts) else np.empty((0, 0))
 
 
 def greedy_agreement(ours: np.ndarray, reference: np.ndarray) -> dict[str, float]:

@@ -177,10 +177,20 @@ def rule_times(bench_dir: Path) -> list[dict[str, Any]]:
                  _float(rows[-1].get("max_rss")))
             )  # fmt: skip
     table = [{"rule": rule, "what": what, "jobs": len(runs), "total_s": sum(s for s, _, _ in runs),
-              "max_s": max(s for s, _, _ in runs), "cores": sum(c for _, c, _ in runs) / max(sum(s for s, _, _ in runs), 1e-9),
+              "max_s": max(s for s, _, _ in runs), "cores": _cores(runs),
               "max_rss_mb": max((r for _, _, r in runs if not math.isnan(r)), default=math.nan)}
              for (rule, what), runs in jobs.items()]  # fmt: skip
     return sorted(table, key=lambda r: -r["total_s"])
+
+
+def _cores(runs: list[tuple[float, float, float]]) -> float:
+    """CPU over wall seconds of the jobs whose logs said (NaN when none did)."""
+    known = [(wall, cpu) for wall, cpu, _ in runs if not math.isnan(cpu)]
+    return (
+        sum(c for _, c in known) / sum(w for w, _ in known)
+        if known and sum(w for w, _ in known) > 0
+        else math.nan
+    )
 
 
 def job_cpu_seconds(log: Path, wall_s: float) -> float:

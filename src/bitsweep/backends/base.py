@@ -381,6 +381,11 @@ class BaseRunner:
             last = self._step(tokens[-1]) if len(tokens) < n_new else last
         return np.array(tokens, dtype=np.int32)
 
+    def greedy_many(self, prompts: np.ndarray, n_new: int) -> np.ndarray:
+        """(prompts, ``n_new``) greedy continuations of equal-length prompts (untimed): one at a time unless a
+        runner decodes them as a batch."""
+        return np.stack([self.greedy(p, n_new) for p in prompts])
+
     def generate(self, prompt: np.ndarray, n_new: int) -> tuple[float, float]:
         """Greedy-generate ``n_new`` tokens after ``prompt``; return (prompt seconds, generation seconds)."""
         self.check_length(np.empty(len(prompt) + n_new))
