@@ -181,7 +181,7 @@ def test_parallel_jobs_log_to_a_tracking_server(tmp_path, results, mlflow_server
 
     from mlflow.tracking import MlflowClient
 
-    from bitsweep.cli import USAGE_PREFIX
+    from bitsweep.usage import USAGE_PREFIX
 
     check_tracking_reachable(mlflow_server)  # the preflight's probe passes against a real server
     sweep = init_tracking(TrackingConfig(uri=mlflow_server), "served", tmp_path / "sweep.json")
@@ -427,8 +427,8 @@ def test_screenshot_of_the_compare_view_of_a_real_store(tmp_path, results, monke
 def test_the_report_says_where_the_time_went(tmp_path):
     """Snakemake's benchmark files (its own TSV columns) summed per rule and backend, the costliest first, with
     the cores each kept busy from the usage line that ends each job's log (CPU over wall seconds)."""
-    from bitsweep.cli import USAGE_PREFIX, usage_line
     from bitsweep.report import rule_times, time_section
+    from bitsweep.usage import USAGE_PREFIX, usage_line
 
     own = json.loads(usage_line(1.5).removeprefix(USAGE_PREFIX))  # this process's CPU so far
     assert own["wall_s"] == 1.5 and own["cpu_s"] > 0

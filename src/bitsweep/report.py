@@ -196,7 +196,7 @@ def _cores(runs: list[tuple[float, float, float]]) -> float:
 def job_cpu_seconds(log: Path, wall_s: float) -> float:
     """A job's CPU seconds from the usage line ``scripts/run_stage.py`` ends its log with (NaN without one),
     scaled to Snakemake's wall time, which also counts the shell around the process."""
-    from bitsweep.cli import USAGE_PREFIX
+    from bitsweep.usage import USAGE_PREFIX
 
     try:
         last = [
