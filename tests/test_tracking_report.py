@@ -459,4 +459,8 @@ def test_the_report_says_where_the_time_went(tmp_path):
         "| quantize | mlx | 2 | 0.2 | 17% | 10 | 0.50 | – |" in lines
     )  # a8's log says, a4's has no usage line
     assert "| convert | onnx | 1 | 0.1 | 9% | 8 | 0.50 | 700 |" in lines
+    top = tmp_path / "top" / "benchmarks"  # a rule with one job per sweep: benchmarks/<rule>.tsv
+    top.mkdir(parents=True)
+    (top / "init_tracking.tsv").write_text(header + "3.0\t0:00:03\t289.0\t1\t1\t1\t0\t0\t50\t1\n")
+    assert [(t["rule"], t["what"]) for t in rule_times(top)] == [("init_tracking", "")]
     assert rule_times(tmp_path / "nowhere") == [] and time_section([]) == []

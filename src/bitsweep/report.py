@@ -170,9 +170,11 @@ def rule_times(bench_dir: Path) -> list[dict[str, Any]]:
         if rows:
             rel = tsv.relative_to(bench_dir)
             parts = rel.parts
-            what = parts[2] if len(parts) >= 4 else Path(parts[2]).stem if len(parts) == 3 else ""
+            rule = parts[0] if len(parts) > 1 else rel.stem  # benchmarks/init_tracking.tsv: a rule of its own
+            # <rule>/<model>/<backend>/<scheme>.tsv, or <rule>/<model>/<format>.tsv (convert, check_conversion)
+            what = parts[2] if len(parts) >= 4 else rel.stem if len(parts) == 3 else ""
             wall = float(rows[-1]["s"])
-            jobs.setdefault((parts[0], what), []).append(
+            jobs.setdefault((rule, what), []).append(
                 (wall, job_cpu_seconds(bench_dir.parent / "logs" / rel.with_suffix(".log"), wall),
                  _float(rows[-1].get("max_rss")))
             )  # fmt: skip
@@ -186,11 +188,8 @@ def rule_times(bench_dir: Path) -> list[dict[str, Any]]:
 def _cores(runs: list[tuple[float, float, float]]) -> float:
     """CPU over wall seconds of the jobs whose logs said (NaN when none did)."""
     known = [(wall, cpu) for wall, cpu, _ in runs if not math.isnan(cpu)]
-    return (
-        sum(c for _, c in known) / sum(w for w, _ in known)
-        if known and sum(w for w, _ in known) > 0
-        else math.nan
-    )
+    wall = sum(w for w, _ in known)
+    return sum(c for _, c in known) / wall if wall > 0 else math.nan
 
 
 def job_cpu_seconds(log: Path, wall_s: float) -> float:
