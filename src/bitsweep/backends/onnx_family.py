@@ -44,10 +44,10 @@ MODEL_ONNX = "model.onnx"
 # Ops that show a graph is really quantized (the summary counts them).
 QUANT_OPS = ("MatMulNBits", "GatherBlockQuantized", "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
              "MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "QGemm")  # fmt: skip
-# Ops that quantize activations. A graph with none of them decodes a batch of prompts to the same tokens as one
-# prompt at a time (OnnxRunner.greedy_many); with them it need not: a dynamic quantizer's activation scale spans
-# the whole batch, and 16-bit QDQ activations gave other tokens at batch 8 than at 1 (the default sweep's W8A16,
-# W4A16, W16A16; measured).
+# Ops that quantize activations (all among QUANT_OPS, which onnx_summary counts). A graph with none of them decodes
+# a batch of prompts to the same tokens as one prompt at a time (OnnxRunner.greedy_many); with them it need not: a
+# dynamic quantizer's activation scale spans the whole batch, and 16-bit QDQ activations gave other tokens at batch
+# 8 than at 1 (the default sweep's W8A16, W4A16, W16A16; measured).
 ACTIVATION_QUANT_OPS = frozenset({"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "QLinearMatMul",
                                   "DynamicQuantizeMatMul", "QGemm"})  # fmt: skip
 
@@ -149,6 +149,18 @@ def onnx_summary(path: Path) -> dict[str, Any]:
     }
 
 
+def quantizes_activations(model_dir: Path, model_file: str = MODEL_ONNX) -> bool:
+    """Whether the graph has an op of ACTIVATION_QUANT_OPS: from the artifact's record of its ops (onnx_summary's
+    ``quant_ops``, written at quantization) when it has one, since reading a 540 MB graph with embedded weights
+    takes 2 s; else from the graph's own summary."""
+    record = model_dir / ARTIFACT_JSON
+    meta = read_json(record) if record.is_file() else {}
+    ops = meta.get("applied", {}).get("quant_ops")
+    if ops is None or meta.get("model_file") != model_file:
+        ops = onnx_summary(model_dir / model_file)["quant_ops"]
+    return bool(ACTIVATION_QUANT_OPS & set(ops))
+
+
 def applied_meta(src: Path, out_model: Path) -> dict[str, Any]:
     """Bits per weight against the exported (tied) graph's weights, i.e. the HF model's parameters."""
     n_weights = float_weight_count(src)
@@ -213,21 +225,6 @@ def prepared_source(src: Path, out: Path) -> Path:
 
 # ---------------------------------------------------------------------------------------------------------
 # Calibration
-
-
-def quantizes_activations(model_dir: Path, model_file: str = MODEL_ONNX) -> bool:
-    """Whether the graph has an op of ACTIVATION_QUANT_OPS: from the artifact's record of its ops when it has one
-    (reading a 540 MB graph with embedded weights takes 2 s), else from the graph."""
-    record = model_dir / ARTIFACT_JSON
-    if record.is_file():
-        meta = read_json(record)
-        ops = meta.get("applied", {}).get("quant_ops")
-        if ops is not None and meta.get("model_file") == model_file:
-            return bool(ACTIVATION_QUANT_OPS & set(ops))
-    import onnx
-
-    graph = onnx.load(str(model_dir / model_file), load_external_data=False).graph
-    return any(node.op_type in ACTIVATION_QUANT_OPS for node in graph.node)
 
 
 def window_feeds(session_inputs, ids: np.ndarray) -> dict[str, np.ndarray]:
