@@ -54,7 +54,7 @@ def ours(runner, windows, reference) -> dict:
     from bitsweep.evaluate import score
 
     forward = 0.0
-    logits = runner.logits
+    logits = runner.window_logits  # what score() calls
 
     def timed_logits(ids):
         nonlocal forward
@@ -63,11 +63,11 @@ def ours(runner, windows, reference) -> dict:
         forward += time.perf_counter() - started
         return out
 
-    runner.logits = timed_logits
+    runner.window_logits = timed_logits
     started = time.perf_counter()
     metrics, _ = score(runner, windows, reference, EvalConfig())
     total = time.perf_counter() - started
-    runner.logits = logits
+    runner.window_logits = logits
     return {"seconds": total, "forward_seconds": forward, "ppl_llamacpp": metrics["ppl_llamacpp"],
             "kld_llamacpp": metrics["kld_llamacpp"]}  # fmt: skip
 

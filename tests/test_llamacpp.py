@@ -88,3 +88,19 @@ def test_timed_generation_runs_without_all_position_logits(tiny_gguf):
         np.testing.assert_array_equal(runner.logits(IDS), before)
         with pytest.raises(Exception, match="n_ctx|longer"):
             runner.generate(np.tile(IDS, 2)[:120], 16)  # 136 tokens do not fit in n_ctx=128
+
+
+def test_scoring_reads_the_logits_llama_cpp_python_computes(tiny_gguf):
+    """window_logits (what scoring calls: one llama_decode, logits read in place) gives llama-cpp-python's own
+    ``eval`` logits bit for bit, for a full and a shorter window, and leaves no cache behind for greedy."""
+    with LlamaCppRunner(tiny_gguf.parent, 2, 128) as runner:
+        for ids in (np.tile(IDS, 2), IDS[:40]):
+            runner.llm.reset()
+            runner.llm.eval([int(t) for t in ids])
+            theirs = np.array(runner.llm.scores[: len(ids)], dtype=np.float32)
+            ours = runner.window_logits(ids)
+            assert ours.shape == (len(ids), 49152)
+            np.testing.assert_array_equal(ours, theirs)
+        first = runner.greedy(IDS[:16], 4)
+        runner.window_logits(np.tile(IDS, 2))
+        np.testing.assert_array_equal(runner.greedy(IDS[:16], 4), first)

@@ -207,7 +207,7 @@ def score(
     writer = None
     started = time.perf_counter()
     for i, ids in enumerate(windows.ids):
-        logits = runner.logits(ids)
+        logits = runner.window_logits(ids)  # read before the next window replaces it
         if logits.shape[0] != len(ids):
             raise ComparabilityError(
                 f"runner returned {logits.shape[0]} rows of logits for {len(ids)} tokens"

@@ -1,4 +1,5 @@
-"""llama-cpp-python with logits for every position; one context reused, cleared between windows."""
+"""llama.cpp through llama-cpp-python: one scoring context with logits for every position, reused and cleared
+between windows; a second one, made on first use, for timed generation."""
 
 from __future__ import annotations
 
@@ -28,12 +29,41 @@ class Runner(BaseRunner):
             verbose=False,
         )
         self._timing = None  # the generation context (generate), made on first use
+        self._window_batch = None  # window_logits' llama_batch, made on first use
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
+        return np.array(self.window_logits(ids))
+
+    def window_logits(self, ids: np.ndarray) -> np.ndarray:
+        """The window's logits read in place from llama.cpp's output buffer (valid until this runner decodes
+        again): the one ``llama_decode`` llama-cpp-python's ``eval`` makes (same batch: positions 0..n-1 of
+        sequence 0, every one an output), without its two copies of the (n, 49k) logits into fresh memory."""
+        import llama_cpp
+
         self.check_length(ids)
-        self.llm.reset()
-        self.llm.eval([int(t) for t in ids])
-        return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
+        n, batch = len(ids), self._scoring_batch()
+        np.ctypeslib.as_array(batch.token, shape=(n,))[:] = ids
+        batch.n_tokens = n
+        self.llm.reset()  # llama-cpp-python's own token count, so a later eval starts from an empty cache
+        ctx = self.llm._ctx.ctx
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        self._decode(ctx, batch)
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(n, self.llm.n_vocab()))
+
+    def _scoring_batch(self):
+        """A llama_batch of n_ctx slots, slot i at position i of sequence 0 with its logits requested; only the
+        tokens and their count change from window to window."""
+        import llama_cpp
+
+        if self._window_batch is None:
+            batch = llama_cpp.llama_batch_init(self.n_ctx, 0, 1)
+            np.ctypeslib.as_array(batch.pos, shape=(self.n_ctx,))[:] = np.arange(self.n_ctx)
+            np.ctypeslib.as_array(batch.n_seq_id, shape=(self.n_ctx,))[:] = 1
+            np.ctypeslib.as_array(batch.logits, shape=(self.n_ctx,))[:] = 1
+            for i in range(self.n_ctx):
+                batch.seq_id[i][0] = 0
+            self._window_batch = batch
+        return self._window_batch
 
     def detokenize(self, ids: np.ndarray) -> bytes:
         # llama.cpp's own llama_detokenize with a large enough buffer: llama-cpp-python's Llama.detokenize
@@ -107,6 +137,11 @@ class Runner(BaseRunner):
             raise RuntimeError(f"llama_decode failed with status {status}")
 
     def close(self) -> None:
+        if self._window_batch is not None:
+            import llama_cpp
+
+            llama_cpp.llama_batch_free(self._window_batch)
+            self._window_batch = None
         if self._timing is not None:
             import llama_cpp
 

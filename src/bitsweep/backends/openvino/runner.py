@@ -90,22 +90,27 @@ class Runner(BaseRunner):
 
     def _infer(self, ids: np.ndarray, past: int, logits_from: int) -> np.ndarray:
         """``ids`` after ``past`` cached positions: logits [len(ids) - logits_from, V] of the positions from
-        ``logits_from`` on (the head runs on those only)."""
+        ``logits_from`` on (the head runs on those only), a view of the request's output tensor (valid until
+        its next inference: callers that keep it copy)."""
         feeds = stateful_inputs(ids, past) | {LOGITS_FROM: np.array([logits_from], np.int64)}
-        return self.request.infer(feeds)["logits"][0]
+        return self.request.infer(feeds, share_outputs=True)["logits"][0]
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
+        return np.array(self.window_logits(ids), dtype=np.float32)
+
+    def window_logits(self, ids: np.ndarray) -> np.ndarray:
+        """In place in the request's output tensor, without a fresh (n, V) copy per window."""
         self.check_length(ids)
         self.request.reset_state()
-        return np.array(self._infer(ids, 0, 0), dtype=np.float32)
+        return self._infer(ids, 0, 0)
 
     def _prefill(self, prompt: np.ndarray) -> np.ndarray:
         self.request.reset_state()
         self.past = len(prompt)
-        return self._infer(prompt, 0, len(prompt) - 1)[-1]
+        return self._infer(prompt, 0, len(prompt) - 1)[-1].copy()
 
     def _step(self, token: int) -> np.ndarray:
-        out = self._infer(np.array([token]), self.past, 0)[-1]
+        out = self._infer(np.array([token]), self.past, 0)[-1].copy()
         self.past += 1
         return out
 
