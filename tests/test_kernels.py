@@ -367,13 +367,14 @@ def test_the_kernels_can_be_cached_on_disk(recwarn):
     x = np.random.default_rng(3).standard_normal((5, 512)).astype(np.float32)
     acts = ref.prepare_activations(x, pm.k_padded, pm.group)
     kern, bpg = fast._kern(pm), pm.fmt.bytes_per_group(pm.group)
-    planes = simd.gather_planes8(acts.x, fast._plane_index(pm))
+    qs, index = fast._kernel_rows(pm)
+    planes = simd.gather_planes8(acts.x, index)
     a, c = fast._scalars(pm)
     out = np.zeros((5, 2 * pm.n_rows), np.float32)[:, ::2]  # strided: a signature of its own
-    simd.gemm(kern, pm.qs, a, c, *fast._blocked_scalars(pm), bpg, planes, acts.xsum, acts.scale, False, out)
+    simd.gemm(kern, qs, a, c, *fast._blocked_scalars(pm), bpg, planes, acts.xsum, acts.scale, False, out)
     np.testing.assert_array_equal(out, ref.gemm(pm, x))
     simd.gemv_groups(
-        kern, pm.qs, *fast._blocked_scalars(pm), bpg, planes[:1], acts.xsum[0], acts.scale[0], out[1]
+        kern, qs, *fast._blocked_scalars(pm), bpg, planes[:1], acts.xsum[0], acts.scale[0], out[1]
     )
     np.testing.assert_array_equal(out[1], ref.gemm(pm, x[:1])[0])
     head = np.random.default_rng(4).standard_normal((70, 200)).astype(np.float16)

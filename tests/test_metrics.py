@@ -3,7 +3,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bitsweep.metrics import QualityAccumulator, ReferenceTopK, all_finite, kl_divergence, log_softmax, token_nll
+from bitsweep.metrics import (
+    QualityAccumulator,
+    ReferenceTopK,
+    all_finite,
+    kl_divergence,
+    log_softmax,
+    token_nll,
+)
 from bitsweep.report import pareto_front
 
 RNG = np.random.default_rng(0)

@@ -511,6 +511,19 @@ def _plane_index(pm: PackedMatrix) -> np.ndarray:
     return index
 
 
+def _kernel_rows(pm: PackedMatrix) -> tuple[np.ndarray, np.ndarray]:
+    """``(qs, plane index)`` in the SIMD kernels' byte order: :func:`simd.sliced_order` where groups are summed in
+    batches (a permuted copy of the codes, made once per matrix and instruction set), the stored order otherwise."""
+    key, layouts = (_isa, groups_batched(pm)), pm.meta.setdefault("_kernel_rows", {})
+    if key not in layouts:
+        qs, index = np.ascontiguousarray(pm.qs), _plane_index(pm)
+        if key[1]:
+            order = simd.sliced_order(_isa, pm.fmt.bytes_per_group(pm.group), pm.k_padded // pm.group)
+            qs, index = np.ascontiguousarray(qs[:, order]), np.ascontiguousarray(index[:, order])
+        layouts[key] = (qs, index)
+    return layouts[key]
+
+
 def activation_planes(pm: PackedMatrix, x: np.ndarray) -> np.ndarray:
     """One token's activations ``(k_padded,)`` gathered into plane order ``(n_planes, row_bytes)``."""
     return _gather_planes(x, _plane_index(pm))
@@ -550,8 +563,8 @@ def gemm_prepared(pm: PackedMatrix, acts: Activations) -> np.ndarray:
 
 
 def _gemm_simd(pm: PackedMatrix, acts: Activations, a, c, bpg: int, out: np.ndarray) -> None:
-    kern, qs = _kern(pm), np.ascontiguousarray(pm.qs)
-    planes = simd.gather_planes8(acts.x, _plane_index(pm))
+    kern, (qs, index) = _kern(pm), _kernel_rows(pm)
+    planes = simd.gather_planes8(acts.x, index)
     uniform = uniform_row_scales(pm, acts)
     if acts.x.shape[0] > 1:
         simd.gemm(kern, qs, a, c, *_blocked_scalars(pm), bpg, planes, acts.xsum, acts.scale, uniform, out)
@@ -660,12 +673,13 @@ def linear_token(pm: PackedMatrix, x: np.ndarray) -> np.ndarray:
     plan, key = pm.meta.get("_token_plan"), (_isa, _group_batches)
     if plan is None or plan[0] != key:
         a, c = _scalars(pm)
-        common = (pm.group, pm.fmt.bytes_per_group(pm.group), _plane_index(pm), pm.one_scale_per_row())
+        shape, uniform = (pm.group, pm.fmt.bytes_per_group(pm.group)), pm.one_scale_per_row()
         if _isa == "portable":
-            plan = (key, _gemv_token, (pm.fmt.fmt_id, pm.qs, a, c, *common))
+            plan = (key, _gemv_token, (pm.fmt.fmt_id, pm.qs, a, c, *shape, _plane_index(pm), uniform))
         else:
-            plan = (key, _gemv_token_simd, (_kern(pm), np.ascontiguousarray(pm.qs), a, c,
-                                            *_blocked_scalars(pm), *common))  # fmt: skip
+            qs, index = _kernel_rows(pm)
+            args = (_kern(pm), qs, a, c, *_blocked_scalars(pm), *shape, index, uniform)
+            plan = (key, _gemv_token_simd, args)
         pm.meta["_token_plan"] = plan
     out = np.empty(pm.n_rows, np.float32)
     plan[1](*plan[2], np.ascontiguousarray(x, dtype=np.float32), out)

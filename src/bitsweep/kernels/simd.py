@@ -22,6 +22,8 @@ Work per chunk of one vector of code bytes: one load, the planes decoded with sh
 byte adds and two compares, see :func:`_decode`), one multiply-add per plane. GEMM decodes each chunk once for
 four tokens (:func:`span4`); per-group sums (affine formats, llama.cpp-style block scales) are written for a
 task's rows at once and combined in float across those rows (vectorised over rows, each row's float order kept).
+Per-group sums read the row in a sliced byte order (:func:`sliced_order`, made once per matrix by
+bitsweep.kernels.fast): a batch of groups as many vectors as a group has 4-byte slices, one group per int32 lane.
 
 Every integer sum is exact and the float combination stays in the reference's order (no fastmath), so all ISAs
 give the same bits as bitsweep.kernels.formats. ``BITSWEEP_KERNEL_ISA`` (``auto`` or an ISA name) picks the path;
@@ -361,13 +363,14 @@ def _emit_tail(builder, isa, kind, rowp, plane_ptrs, o, e, accs, n_chunks, produ
 
 def batched_groups(isa: str, kind: str, bpg: int) -> bool:
     """Whether groups of ``bpg`` bytes are summed in batches: a power of two from 16 bytes (one 128-bit vector) to
-    8 vectors of the ISA (longer groups amortise one horizontal sum each); int3's split groups never."""
+    8 vectors of the ISA (a batch's ``bpg / 4`` vectors are unrolled code; longer groups are few per row and
+    amortise one horizontal sum each); int3's split groups never."""
     return kind != "3" and bpg >= 16 and bpg & (bpg - 1) == 0 and bpg <= 8 * WIDTH[isa]
 
 
 def batch_widths(isa: str, bpg: int) -> tuple[int, ...]:
-    """Vector widths (bytes) of the group batches, widest first: the ISA's full width (several groups per vector
-    where they are shorter), then, for the groups left after the full batches, the group's own width."""
+    """Vector widths (bytes) of the group batches, widest first: the ISA's full width, then, where groups are
+    shorter than a vector, the group's own width for the groups left after the full batches."""
     return (WIDTH[isa],) if bpg >= WIDTH[isa] else (WIDTH[isa], bpg)
 
 
@@ -376,71 +379,71 @@ def batch_lanes(width: int) -> int:
     return width // 4
 
 
-def _merge_halves(builder, x, y):
-    """Adjacent int32 lanes of ``x`` then of ``y`` summed pairwise: ``[x0+x1, x2+x3, ..., y0+y1, ...]``. A group
-    spread over s contiguous lanes of x or y occupies s/2 of the result, groups kept in order."""
-    n = x.type.count
-    even = builder.shuffle_vector(x, y, ir.Constant(ir.VectorType(I32, n), list(range(0, 2 * n, 2))))
-    odd = builder.shuffle_vector(x, y, ir.Constant(ir.VectorType(I32, n), list(range(1, 2 * n, 2))))
-    return builder.add(even, odd)
+def sliced_order(isa: str, bpg: int, n_groups: int) -> np.ndarray:
+    """The kernels' byte order for a row whose groups are summed in batches: ``order[j]`` is the stored byte (of a
+    row of ``n_groups`` groups, ``bpg`` bytes each) at kernel position ``j``.
+
+    Each batch of ``lanes`` groups (per vector width of :func:`batch_widths`, in turn) is laid out as ``bpg / 4``
+    vectors, vector ``s`` holding bytes ``4s .. 4s+3`` of every group of the batch in turn; groups after the last
+    whole batch keep their stored order. A multiply-add sums four adjacent bytes' products into one int32 lane,
+    so lane ``j`` of a batch's summed vectors is group ``j``'s sum: no horizontal sum and no shuffle per group.
+    (In stored order a group fills whole vectors, and 16 of them reduced to one vector of sums took 15 two-source
+    shuffle merges per token, as many shuffles as multiply-adds for int4: a batch-8 int4_g128 GEMM ran 2.5x the
+    time of a TQ2_0 one with one scale per row.) The activation planes follow the same order
+    (``plane_map(...)[:, order]``), so every integer sum is unchanged."""
+    parts, g = [], 0
+    for w in batch_widths(isa, bpg):
+        lanes = batch_lanes(w)
+        n_batches = (n_groups - g) // lanes
+        groups = g + np.arange(n_batches * lanes).reshape(n_batches, 1, lanes, 1)
+        # (batch, slice, lane, byte): the stored byte group * bpg + 4 * slice + byte
+        src = groups * bpg + np.arange(0, bpg, 4).reshape(1, -1, 1, 1) + np.arange(4).reshape(1, 1, 1, 4)
+        parts.append(src.reshape(-1))
+        g += n_batches * lanes
+    parts.append(np.arange(g * bpg, n_groups * bpg))
+    return np.concatenate(parts)
 
 
 def _emit_group_batches(builder, isa, kind, bpg, w, rowp, plane_ptrs, first, n_groups, store):
-    """Group sums of one row from group ``first`` on, ``lanes`` groups at a time, without a horizontal sum per
-    group.
-
-    Vectors of ``w`` bytes (``lanes = w / 4`` int32 lanes), ``gpv = w / bpg`` groups each where groups are
-    shorter than a vector: each vector's products are summed into one vector (a group's ``bpg / w`` chunks, or
-    one load of ``gpv`` adjacent groups), so a group's sum is spread over ``lanes / gpv`` contiguous lanes.
-    ``lanes / gpv`` such vectors reduce to one holding a group per lane in log2(lanes / gpv) rounds of
-    :func:`_merge_halves`, merged as they come (a binary counter: at most log2(lanes) + 1 vectors live per
-    token), groups kept in order. Integer sums, so the same values as one reduction per group. Returns the
-    index of the first group not done (whole batches only: a partial batch would cost a whole one).
-    """
+    """Group sums of one row from group ``first`` on, ``lanes = w / 4`` groups at a time, in the sliced byte
+    order of :func:`sliced_order`: a batch is ``bpg / 4`` vectors of ``w`` bytes whose products, summed, hold
+    group ``j`` of the batch in int32 lane ``j``. Integer sums, so the same values as one span per group. Returns
+    the index of the first group not done (whole batches only: a partial batch would cost a whole one)."""
     ntok, intp = len(plane_ptrs), n_groups.type
-    lanes, chunks, gpv = batch_lanes(w), max(1, bpg // w), max(1, w // bpg)
+    lanes, slices = batch_lanes(w), bpg // 4
     v8, v16, v32 = ir.VectorType(I8, w), ir.VectorType(I16, w // 2), ir.VectorType(I32, lanes)
-    block = BLOCK16[kind]  # chunks whose int16 sums may add up before widening (non-VNNI)
+    block = BLOCK16[kind]  # slices whose int16 sums may add up before widening (non-VNNI)
     ahead = PREFETCH_GEMV if ntok == 1 else PREFETCH_BATCH
 
     def const(value):
         return ir.Constant(intp, value)
 
-    def vector_sums(g):
-        """Per token, the <lanes x i32> partial sums of group g (of groups g..g+gpv-1 where gpv > 1)."""
-        accs = [ir.Constant(v32, None)] * ntok
+    # vpdpbusd's accumulator is also an input (5 cycles' latency): one chain per token through a batch's
+    # slices x planes would wait on itself, so each token sums its slices into several chains, added at the end.
+    chains = max(1, min(slices, MAX_ACCUMULATORS // ntok)) if isa in VNNI else 1
+
+    def batch(g0):
+        accs = [[ir.Constant(v32, None)] * chains for _ in range(ntok)]
         p16 = [ir.Constant(v16, None)] * ntok
-        for c in range(chunks):
-            at = builder.add(builder.mul(g, const(bpg)), const(c * w))
+        for c in range(slices):
+            at = builder.add(builder.mul(g0, const(bpg)), const(c * w))
             if (c * w) % 64 == 0:  # once per cache line (twice for 32-byte vectors: cheaper than a branch)
                 _prefetch(builder, builder.gep(rowp, [builder.add(at, const(ahead))]))
             codes = _decode(builder, _load(builder, rowp, at, v8), kind)
             for n in range(ntok):
                 xs = [_load(builder, p, at, v8) for p in plane_ptrs[n][: len(codes)]]
                 if isa in VNNI:
-                    accs[n] = _madd_chunk(builder, isa, w, accs[n], codes, xs)
+                    accs[n][c % chains] = _madd_chunk(builder, isa, w, accs[n][c % chains], codes, xs)
                     continue
                 p16[n] = _madd16(builder, w, p16[n], codes, xs)
-                if (c + 1) % block == 0 or c == chunks - 1:
-                    accs[n], p16[n] = _widen(builder, w, accs[n], p16[n]), ir.Constant(v16, None)
-        return accs
-
-    def batch(g0):
-        stacks = [[] for _ in range(ntok)]  # (merge round, vector) per token
-        for j in range(lanes // gpv):
-            for n, v in enumerate(vector_sums(builder.add(g0, const(j * gpv)))):
-                stack = stacks[n]
-                stack.append((0, v))
-                while len(stack) > 1 and stack[-1][0] == stack[-2][0]:
-                    (level, y), (_, x) = stack.pop(), stack.pop()
-                    stack.append((level + 1, _merge_halves(builder, x, y)))
-        for j in range(lanes):
-            for n in range(ntok):
-                store(
-                    n,
-                    builder.add(g0, const(j)),
-                    builder.extract_element(stacks[n][0][1], ir.Constant(I32, j)),
-                )
+                if (c + 1) % block == 0 or c == slices - 1:
+                    accs[n][0], p16[n] = _widen(builder, w, accs[n][0], p16[n]), ir.Constant(v16, None)
+        for n in range(ntok):
+            total = accs[n][0]
+            for acc in accs[n][1:]:
+                total = builder.add(total, acc)
+            for j in range(lanes):
+                store(n, builder.add(g0, const(j)), builder.extract_element(total, ir.Constant(I32, j)))
 
     full = builder.udiv(builder.sub(n_groups, first), const(lanes))
     with cgutils.for_range(builder, full) as loop:
