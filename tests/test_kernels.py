@@ -367,7 +367,7 @@ def test_the_kernels_can_be_cached_on_disk(recwarn):
     x = np.random.default_rng(3).standard_normal((5, 512)).astype(np.float32)
     acts = ref.prepare_activations(x, pm.k_padded, pm.group)
     kern, bpg = fast._kern(pm), pm.fmt.bytes_per_group(pm.group)
-    qs, index = fast._kernel_rows(pm)
+    qs, index = fast._kernel_rows(pm, uniform=False)
     planes = simd.gather_planes8(acts.x, index)
     a, c = fast._scalars(pm)
     out = np.zeros((5, 2 * pm.n_rows), np.float32)[:, ::2]  # strided: a signature of its own

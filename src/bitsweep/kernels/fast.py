@@ -511,10 +511,15 @@ def _plane_index(pm: PackedMatrix) -> np.ndarray:
     return index
 
 
-def _kernel_rows(pm: PackedMatrix) -> tuple[np.ndarray, np.ndarray]:
+def _kernel_rows(pm: PackedMatrix, uniform: bool) -> tuple[np.ndarray, np.ndarray]:
     """``(qs, plane index)`` in the SIMD kernels' byte order: :func:`simd.sliced_order` where groups are summed in
-    batches (a permuted copy of the codes, made once per matrix and instruction set), the stored order otherwise."""
-    key, layouts = (_isa, groups_batched(pm)), pm.meta.setdefault("_kernel_rows", {})
+    batches (a permuted copy of the codes, made once per matrix and instruction set), the stored order otherwise,
+    and for ``uniform`` rows (one integer sum per row: any byte order gives it, so no copy). A row view of a
+    stacked matrix (``meta["_rows_of"] = (stack, first, end)``, bitsweep.backends.bitnet) uses the stack's rows."""
+    if (parent := pm.meta.get("_rows_of")) is not None:
+        qs, index = _kernel_rows(parent[0], uniform)
+        return qs[parent[1] : parent[2]], index
+    key, layouts = (_isa, groups_batched(pm) and not uniform), pm.meta.setdefault("_kernel_rows", {})
     if key not in layouts:
         qs, index = np.ascontiguousarray(pm.qs), _plane_index(pm)
         if key[1]:
@@ -563,9 +568,9 @@ def gemm_prepared(pm: PackedMatrix, acts: Activations) -> np.ndarray:
 
 
 def _gemm_simd(pm: PackedMatrix, acts: Activations, a, c, bpg: int, out: np.ndarray) -> None:
-    kern, (qs, index) = _kern(pm), _kernel_rows(pm)
-    planes = simd.gather_planes8(acts.x, index)
     uniform = uniform_row_scales(pm, acts)
+    kern, (qs, index) = _kern(pm), _kernel_rows(pm, uniform)
+    planes = simd.gather_planes8(acts.x, index)
     if acts.x.shape[0] > 1:
         simd.gemm(kern, qs, a, c, *_blocked_scalars(pm), bpg, planes, acts.xsum, acts.scale, uniform, out)
     elif uniform:
@@ -677,7 +682,7 @@ def linear_token(pm: PackedMatrix, x: np.ndarray) -> np.ndarray:
         if _isa == "portable":
             plan = (key, _gemv_token, (pm.fmt.fmt_id, pm.qs, a, c, *shape, _plane_index(pm), uniform))
         else:
-            qs, index = _kernel_rows(pm)
+            qs, index = _kernel_rows(pm, uniform)
             args = (_kern(pm), qs, a, c, *_blocked_scalars(pm), *shape, index, uniform)
             plan = (key, _gemv_token_simd, args)
         pm.meta["_token_plan"] = plan

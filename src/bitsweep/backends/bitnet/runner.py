@@ -47,9 +47,9 @@ class StackedRows:
         self.rows = [(int(a), int(b)) for a, b in pairwise(bounds)]
         self.views = [
             PackedMatrix(first.fmt, first.group, first.k, self.pm.qs[a:b], self.pm.d[a:b],
-                         None if first.m is None else self.pm.m[a:b])
+                         None if first.m is None else self.pm.m[a:b], {"_rows_of": (self.pm, a, b)})
             for a, b in self.rows
-        ]  # fmt: skip
+        ]  # fmt: skip  (_rows_of: the kernels' reordered codes of a view are the stack's, not a copy of its own)
         self._input, self._out = None, None
 
     @staticmethod
