@@ -45,11 +45,12 @@ class StackedRows:
         )  # fmt: skip
         bounds = np.cumsum([0, *(m.n_rows for m in members)])
         self.rows = [(int(a), int(b)) for a, b in pairwise(bounds)]
+        # _rows_of: the kernels' reordered codes of a view are rows of the stack's, not a copy of their own
         self.views = [
             PackedMatrix(first.fmt, first.group, first.k, self.pm.qs[a:b], self.pm.d[a:b],
                          None if first.m is None else self.pm.m[a:b], {"_rows_of": (self.pm, a, b)})
             for a, b in self.rows
-        ]  # fmt: skip  (_rows_of: the kernels' reordered codes of a view are the stack's, not a copy of its own)
+        ]  # fmt: skip
         self._input, self._out = None, None
 
     @staticmethod
