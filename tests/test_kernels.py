@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numba
 import numpy as np
 import pytest
 
@@ -357,6 +358,30 @@ def test_simd_paths_compile_to_their_instructions(path, tmp_path):
 
 
 @pytest.mark.skipif(fast.current_isa() == "portable", reason="the SIMD kernels only")
+def test_one_thread_runs_each_kernels_loop_inline_with_the_same_bits():
+    """On one thread the plans call each kernel's loop itself (``simd.*_serial``, no thread launch): the same bits
+    as the parallel kernels and the reference, for a GEMV with one scale per row, one with per-group scales, a
+    batch and generation's fused call; the plans are kept per thread count."""
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((6, 640)).astype(np.float32)
+    previous = numba.get_num_threads()
+    for name, scale in (("tq2_0", "absmean"), ("int4", "absmax"), ("tq1_0", "absmax")):
+        pm = ref.quantize(weights(35, 640, seed=7), name, scale=scale)
+        expected = ref.gemm(pm, x)
+        for threads in (1, previous):
+            numba.set_num_threads(threads)
+            try:
+                np.testing.assert_array_equal(fast.gemm(pm, x), expected, err_msg=f"{name} {threads}")
+                np.testing.assert_array_equal(fast.gemm(pm, x[:1]), expected[:1])
+                np.testing.assert_array_equal(fast.linear_token(pm, x[3]), expected[3])
+            finally:
+                numba.set_num_threads(previous)
+        assert {key[-1] for key in pm.meta["_gemm_plans"]} == {True, previous == 1}
+    with pytest.raises(ValueError, match="1-D"):
+        fast.linear_token(pm, x[:1])
+
+
+@pytest.mark.skipif(fast.current_isa() == "portable", reason="the SIMD kernels only")
 def test_the_kernels_can_be_cached_on_disk(recwarn):
     """numba cannot cache a kernel that uses a dynamic global (the thread count, a ctypes pointer): it only warns,
     and every process then compiles the kernel again, seconds per format. Each SIMD kernel (and the float16 GEMV
@@ -377,6 +402,11 @@ def test_the_kernels_can_be_cached_on_disk(recwarn):
         kern, qs, *fast._blocked_scalars(pm), bpg, planes[:1], acts.xsum[0], acts.scale[0], out[1]
     )
     np.testing.assert_array_equal(out[1], ref.gemm(pm, x[:1])[0])
+    out[:] = 0  # the loops callers on one thread take, called from Python (compiled on their own)
+    simd.gemm_serial(
+        kern, qs, a, c, *fast._blocked_scalars(pm), bpg, planes, acts.xsum, acts.scale, False, out
+    )
+    np.testing.assert_array_equal(out, ref.gemm(pm, x))
     head = np.random.default_rng(4).standard_normal((70, 200)).astype(np.float16)
     logits = np.zeros(140, np.float32)[::2]  # strided
     fast.gemv_f16(head.view(np.uint16), np.ascontiguousarray(x[0, :200]), logits)

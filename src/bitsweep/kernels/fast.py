@@ -20,8 +20,9 @@ loops below are the ``portable`` path. Every path gives the same bits on the sam
 
 from __future__ import annotations
 
+import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
 
 from bitsweep.kernels import simd
 from bitsweep.kernels.formats import (
@@ -567,16 +568,60 @@ def gemm_prepared(pm: PackedMatrix, acts: Activations) -> np.ndarray:
     return out
 
 
+def entry_point(dispatcher, *args):
+    """The machine code ``dispatcher`` compiled (or loads from numba's cache) for the numba types of ``args``, as a
+    function taking exactly those types. Calling it skips the dispatcher's per-call type resolution, which costs
+    20-35 us per call when the caches are cold, as they are after every streamed weight matrix (1-4 us warm; Zen 4,
+    numba 0.68): a plan takes it once and passes arrays of the same types on every call (nothing checks them).
+    Python ``bool`` arguments are compiled in (numba literal types): a branch on one is pruned, so only the path
+    taken is compiled, and the plan must pass the same values."""
+    return dispatcher.compile(
+        tuple(types.literal(value) if type(value) is bool else numba.typeof(value) for value in args)
+    )
+
+
+def _c_array(values: np.ndarray, dtype, ndim: int) -> np.ndarray:
+    """``values`` as the C-contiguous ``dtype`` array of ``ndim`` dimensions an entry point expects."""
+    if values.ndim != ndim:
+        raise ValueError(f"expected a {ndim}-D array, got shape {values.shape}")
+    if values.dtype != dtype or not values.flags.c_contiguous:
+        values = np.ascontiguousarray(values, dtype=dtype)
+    return values
+
+
 def _gemm_simd(pm: PackedMatrix, acts: Activations, a, c, bpg: int, out: np.ndarray) -> None:
-    uniform = uniform_row_scales(pm, acts)
-    kern, (qs, index) = _kern(pm), _kernel_rows(pm, uniform)
-    planes = simd.gather_planes8(acts.x, index)
-    if acts.x.shape[0] > 1:
-        simd.gemm(kern, qs, a, c, *_blocked_scalars(pm), bpg, planes, acts.xsum, acts.scale, uniform, out)
+    """The SIMD kernels through a plan made once per matrix, instruction set and kind of call: the kernel (its
+    loop on one thread, else its parallel form) and the activation planes' gather, both as entry points."""
+    uniform, batched, serial = uniform_row_scales(pm, acts), acts.x.shape[0] > 1, numba.get_num_threads() == 1
+    plans, key = pm.meta.setdefault("_gemm_plans", {}), (_isa, _group_batches, uniform, batched, serial)
+    x, xsum, scale = (
+        _c_array(acts.x, np.int16, 2),
+        _c_array(acts.xsum, np.int32, 2),
+        _c_array(acts.scale, np.float32, 2),
+    )
+    if batched:
+        per_call = (xsum, scale, uniform, out)
     elif uniform:
-        simd.gemv_rows(kern, qs, a, c, planes, np.int32(acts.xsum[0].sum()), acts.scale[0, 0], out[0])
+        per_call = (xsum[0], scale[0, 0], out[0])
     else:
-        simd.gemv_groups(kern, qs, *_blocked_scalars(pm), bpg, planes, acts.xsum[0], acts.scale[0], out[0])
+        per_call = (xsum[0], scale[0], out[0])
+    plan = plans.get(key)
+    if plan is None:
+        qs, index = _kernel_rows(pm, uniform)
+        if batched:
+            kernel, fixed = (simd.gemm_serial, simd.gemm), (_kern(pm), qs, a, c, *_blocked_scalars(pm), bpg)
+        elif uniform:
+            kernel, fixed = (simd.gemv_rows_serial, simd.gemv_rows), (_kern(pm), qs, a, c)
+        else:
+            kernel, fixed = (
+                (simd.gemv_groups_serial, simd.gemv_groups),
+                (_kern(pm), qs, *_blocked_scalars(pm), bpg),
+            )
+        planes = simd.gather_planes8(x, index)
+        plan = plans[key] = (entry_point(simd.gather_planes8, x, index), index,
+                             entry_point(kernel[0 if serial else 1], *fixed, planes, *per_call), fixed)  # fmt: skip
+    planes = plan[0](x, plan[1])
+    plan[2](*plan[3], planes, *per_call)
 
 
 def gemm(pm: PackedMatrix, x: np.ndarray, act: str = "int8") -> np.ndarray:
@@ -626,7 +671,7 @@ def prepare_activations_fast(x: np.ndarray, k_padded: int, group: int, act: str 
     xsum = np.empty((n_tok, k_padded // group), np.int32)
     scale = np.empty((n_tok, k_padded // group), np.float32)
     _quantize_activations(x, k_padded, group, xq, xsum, scale)
-    return Activations(xq, xsum, scale, integer=True)
+    return Activations(xq, xsum, scale, integer=True, per_token=True)
 
 
 @njit(inline="always")
@@ -649,9 +694,10 @@ def _sum_i32(values):
 
 
 @njit(cache=True)
-def _gemv_token(fmt, qs, a, c, group, bytes_per_group, index, uniform, x, out):
+def _gemv_token(fmt, qs, a, c, group, bytes_per_group, index, uniform, serial, x, out):
     """One token, int8 per-token activations: quantize, gather planes and multiply in a single compiled call
-    (generation calls this once per Linear per token, where Python-side overhead would dominate)."""
+    (generation calls this once per Linear per token, where Python-side overhead would dominate). ``serial`` is
+    unused: the portable fallback's loops always go through numba's threads."""
     xq, xsum, scale = _quantize_token(x, group, a.shape[1])
     planes = _gather_planes(xq[0], index)
     if uniform:
@@ -662,30 +708,36 @@ def _gemv_token(fmt, qs, a, c, group, bytes_per_group, index, uniform, x, out):
 
 
 @njit(cache=True)
-def _gemv_token_simd(kern, qs, a, c, dB, mB, rule, group, bytes_per_group, index, uniform, x, out):
-    """_gemv_token on the SIMD kernels: int8 planes instead of int16 ones."""
+def _gemv_token_simd(kern, qs, a, c, dB, mB, rule, group, bytes_per_group, index, uniform, serial, x, out):
+    """_gemv_token on the SIMD kernels: int8 planes instead of int16 ones. ``uniform`` and ``serial`` (one thread:
+    the kernel's loop inline) are compiled in (:func:`entry_point`)."""
     xq, xsum, scale = _quantize_token(x, group, a.shape[1])
     planes = simd.gather_planes8(xq, index)
     if uniform:
-        total = _sum_i32(xsum[0])
-        simd.gemv_rows(kern, qs, a, c, planes, total, scale[0, 0], out)
+        if serial:
+            simd.gemv_rows_serial(kern, qs, a, c, planes, xsum[0], scale[0, 0], out)
+        else:
+            simd.gemv_rows(kern, qs, a, c, planes, xsum[0], scale[0, 0], out)
+    elif serial:
+        simd.gemv_groups_serial(kern, qs, dB, mB, rule, bytes_per_group, planes, xsum[0], scale[0], out)
     else:
         simd.gemv_groups(kern, qs, dB, mB, rule, bytes_per_group, planes, xsum[0], scale[0], out)
 
 
 def linear_token(pm: PackedMatrix, x: np.ndarray) -> np.ndarray:
     """``W @ x`` for one token with per-token int8 activations; the same numbers as ``gemv(pm, x, "int8")``."""
-    plan, key = pm.meta.get("_token_plan"), (_isa, _group_batches)
-    if plan is None or plan[0] != key:
+    x, out = _c_array(x, np.float32, 1), np.empty(pm.n_rows, np.float32)
+    serial = numba.get_num_threads() == 1
+    plans, key = pm.meta.setdefault("_token_plans", {}), (_isa, _group_batches, serial)
+    plan = plans.get(key)
+    if plan is None:
         a, c = _scalars(pm)
         shape, uniform = (pm.group, pm.fmt.bytes_per_group(pm.group)), pm.one_scale_per_row()
         if _isa == "portable":
-            plan = (key, _gemv_token, (pm.fmt.fmt_id, pm.qs, a, c, *shape, _plane_index(pm), uniform))
+            fn, args = _gemv_token, (pm.fmt.fmt_id, pm.qs, a, c, *shape, _plane_index(pm), uniform)
         else:
             qs, index = _kernel_rows(pm, uniform)
-            args = (_kern(pm), qs, a, c, *_blocked_scalars(pm), *shape, index, uniform)
-            plan = (key, _gemv_token_simd, args)
-        pm.meta["_token_plan"] = plan
-    out = np.empty(pm.n_rows, np.float32)
-    plan[1](*plan[2], np.ascontiguousarray(x, dtype=np.float32), out)
+            fn, args = _gemv_token_simd, (_kern(pm), qs, a, c, *_blocked_scalars(pm), *shape, index, uniform)
+        plan = plans[key] = (entry_point(fn, *args, serial, x, out), (*args, serial))
+    plan[0](*plan[1], x, out)
     return out

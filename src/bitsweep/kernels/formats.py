@@ -585,12 +585,16 @@ class Activations:
     ``int8_block`` is llama.cpp's Q8_K rule per group (``iscale = -127 / x_maxabs`` with the sign of that
     element, ``q = rint(iscale * x)`` capped at 127, scale ``1 / iscale``), what llama.cpp does to activations
     before its TQ dot products.
+
+    ``per_token``: whether each token's groups share one scale (``int8`` makes them so); None: not known, looked
+    up in ``scale`` when it matters (:func:`uniform_row_scales`).
     """
 
     x: np.ndarray
     xsum: np.ndarray
     scale: np.ndarray
     integer: bool
+    per_token: bool | None = None
 
 
 ACT_MODES = ("int8", "int8_block", "fp32")
@@ -626,14 +630,16 @@ def prepare_activations(x: np.ndarray, k_padded: int, group: int, act: str = "in
             scale = np.where(iscale != 0, np.float32(1) / iscale, np.float32(0)).astype(np.float32)[..., 0]
         xq = np.minimum(np.rint(g * iscale), 127).astype(np.int16).reshape(n_tokens, k_padded)
     xsum = xq.reshape(n_tokens, n_groups, group).sum(-1, dtype=np.int32)
-    return Activations(xq, xsum, scale, integer=True)
+    return Activations(xq, xsum, scale, integer=True, per_token=True if act == "int8" else None)
 
 
 def uniform_row_scales(pm: PackedMatrix, acts: Activations) -> bool:
     """Whether a row's dot product can be one integer sum: integer activations with one scale per token, and a
     format whose rows carry one scale (ternary/binary with a per-tensor absmean; the affine formats and int3's
     split planes never qualify)."""
-    return acts.integer and pm.one_scale_per_row() and bool((acts.scale == acts.scale[:, :1]).all())
+    if not (acts.integer and pm.one_scale_per_row()):
+        return False
+    return acts.per_token if acts.per_token is not None else bool((acts.scale == acts.scale[:, :1]).all())
 
 
 def group_dots(pm: PackedMatrix, acts: Activations) -> np.ndarray:

@@ -669,18 +669,28 @@ def gather_planes8(xq, index):
     return out
 
 
-@njit(parallel=True, cache=True)
-def gemv_rows(kern, qs, a, c, P, xsum_total, xscale, out):
-    """One token, one scale per row (BitNet absmean) and per token: each row is one integer sum."""
+# Each kernel is its loop (``..._serial``: one thread, inlined into compiled callers) and a ``parallel=True`` function
+# running that loop on numba's threads. Callers on one thread take the loop (bitsweep.kernels.fast): a parallel
+# function launches its thread pool even for one thread (8 us more per call when the caches are cold, as
+# after every streamed weight matrix; 1.1 us warm; Zen 4).
+
+
+@njit(inline="always", cache=True)
+def gemv_rows_serial(kern, qs, a, c, P, xsum, xscale, out):
+    """One token, one scale per row (BitNet absmean) and per token: each row is one integer sum. ``xsum``: the
+    token's activation sums per group (int32)."""
     n_rows, n_bytes = qs.shape
+    xsum_total = np.int32(0)
+    for g in range(xsum.shape[0]):
+        xsum_total += xsum[g]
     for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         for i in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
             s = span(kern, qs, i, P, 0, 0, n_bytes)
             out[i] = (a[i, 0] * np.float32(s) + c[i, 0] * np.float32(xsum_total)) * xscale
 
 
-@njit(parallel=True, cache=True)
-def gemv_groups(kern, qs, dB, mB, rule, bpg, P, xsum, xscale, out):
+@njit(inline="always", cache=True)
+def gemv_groups_serial(kern, qs, dB, mB, rule, bpg, P, xsum, xscale, out):
     """One token, per-group scales: an integer sum per group, groups combined in the reference's order. The
     combination runs across the task's rows at once, each row's own float operations unchanged, so it
     vectorises over rows. ``dB``, ``mB``: the stored float16 scalars' bits blocked by task, ``(n_tasks,
@@ -708,8 +718,8 @@ def gemv_groups(kern, qs, dB, mB, rule, bpg, P, xsum, xscale, out):
                 out[r0 + r] = acc[r]
 
 
-@njit(parallel=True, cache=True)
-def gemm(kern, qs, a, c, dB, mB, rule, bpg, P, xsum, xscale, uniform, out):
+@njit(inline="always", cache=True)
+def gemm_serial(kern, qs, a, c, dB, mB, rule, bpg, P, xsum, xscale, uniform, out):
     """Batched: each row is read once and each chunk of its codes decoded once per four tokens. ``uniform``: one
     scale per row and per token (formats.uniform_row_scales), so a row is one integer sum per token; otherwise
     per-group sums combined as in gemv_groups."""
@@ -756,3 +766,21 @@ def gemm(kern, qs, a, c, dB, mB, rule, bpg, P, xsum, xscale, uniform, out):
                         acc[r] += (ag * np.float32(sums[t, g, r]) + cg * xs) * sc
                 for r in range(nr):
                     out[t, r0 + r] = acc[r]
+
+
+@njit(parallel=True, cache=True)
+def gemv_rows(kern, qs, a, c, P, xsum, xscale, out):
+    """:func:`gemv_rows_serial` on numba's threads."""
+    gemv_rows_serial(kern, qs, a, c, P, xsum, xscale, out)
+
+
+@njit(parallel=True, cache=True)
+def gemv_groups(kern, qs, dB, mB, rule, bpg, P, xsum, xscale, out):
+    """:func:`gemv_groups_serial` on numba's threads."""
+    gemv_groups_serial(kern, qs, dB, mB, rule, bpg, P, xsum, xscale, out)
+
+
+@njit(parallel=True, cache=True)
+def gemm(kern, qs, a, c, dB, mB, rule, bpg, P, xsum, xscale, uniform, out):
+    """:func:`gemm_serial` on numba's threads."""
+    gemm_serial(kern, qs, a, c, dB, mB, rule, bpg, P, xsum, xscale, uniform, out)
