@@ -178,7 +178,8 @@ def spread(array: np.ndarray, llc: int, cap: int) -> list[np.ndarray]:
 
 
 def replicate(pm: PackedMatrix, n: int) -> list[PackedMatrix]:
-    """``n`` copies at distinct addresses, their kernel scalars converted up front (outside the timing)."""
+    """``n`` copies at distinct addresses, their kernel scalars converted up front (outside the timing; each
+    cell's warm-up makes their plans for its thread count and batch)."""
     copies = [PackedMatrix(pm.fmt, pm.group, pm.k, pm.qs.copy(), pm.d.copy(), None if pm.m is None else pm.m.copy())
               for _ in range(n)]  # fmt: skip
     for copy in copies:
@@ -235,8 +236,11 @@ def bench_cell(k, batch, threads, weights, args, bandwidth):
         name: [] for name in cands
     }  # one thread: the process's CPU time too (not counting time descheduled)
     with threadpool_limits(threads):
-        for fn, _ in cands.values():  # warm-up: compile and touch
-            fn(0)
+        # warm-up, untimed: every copy once, as a model's first token would (compiles the kernels and makes each
+        # copy's plan for this thread count and batch: fast's entry points, the kernels' byte order)
+        for fn, _ in cands.values():
+            for i in range(args.repeats + 1):
+                fn(i)
         for r in range(args.repeats):
             for name, (fn, _) in cands.items():
                 c0 = time.process_time()

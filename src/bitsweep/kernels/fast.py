@@ -580,6 +580,23 @@ def entry_point(dispatcher, *args):
     )
 
 
+def _one_thread() -> bool:
+    """Whether numba runs on one thread here (its count is per calling thread). Once numba's pool is up, read
+    through the getter that ``numba.get_num_threads`` wraps: the wrapper's launch check costs 8 us more per call
+    when the caches are cold (numba 0.68; the public function where that getter is missing)."""
+    global _thread_count
+    if _thread_count is numba.get_num_threads:
+        count = numba.get_num_threads()  # launches the pool; its getter is bound from then on
+        from numba.np.ufunc import parallel
+
+        _thread_count = getattr(parallel, "_get_num_threads", None) or numba.get_num_threads
+        return count == 1
+    return _thread_count() == 1
+
+
+_thread_count = numba.get_num_threads
+
+
 def _c_array(values: np.ndarray, dtype, ndim: int) -> np.ndarray:
     """``values`` as the C-contiguous ``dtype`` array of ``ndim`` dimensions an entry point expects."""
     if values.ndim != ndim:
@@ -592,7 +609,7 @@ def _c_array(values: np.ndarray, dtype, ndim: int) -> np.ndarray:
 def _gemm_simd(pm: PackedMatrix, acts: Activations, a, c, bpg: int, out: np.ndarray) -> None:
     """The SIMD kernels through a plan made once per matrix, instruction set and kind of call: the kernel (its
     loop on one thread, else its parallel form) and the activation planes' gather, both as entry points."""
-    uniform, batched, serial = uniform_row_scales(pm, acts), acts.x.shape[0] > 1, numba.get_num_threads() == 1
+    uniform, batched, serial = uniform_row_scales(pm, acts), acts.x.shape[0] > 1, _one_thread()
     plans, key = pm.meta.setdefault("_gemm_plans", {}), (_isa, _group_batches, uniform, batched, serial)
     x, xsum, scale = (
         _c_array(acts.x, np.int16, 2),
@@ -727,7 +744,7 @@ def _gemv_token_simd(kern, qs, a, c, dB, mB, rule, group, bytes_per_group, index
 def linear_token(pm: PackedMatrix, x: np.ndarray) -> np.ndarray:
     """``W @ x`` for one token with per-token int8 activations; the same numbers as ``gemv(pm, x, "int8")``."""
     x, out = _c_array(x, np.float32, 1), np.empty(pm.n_rows, np.float32)
-    serial = numba.get_num_threads() == 1
+    serial = _one_thread()
     plans, key = pm.meta.setdefault("_token_plans", {}), (_isa, _group_batches, serial)
     plan = plans.get(key)
     if plan is None:
