@@ -43,6 +43,7 @@ INFO = BitnetInfo(
     # (torch's attention, norms and softmax) into a different code, and on SmolLM2 int4_g64 into logits up to 4
     # apart (measured here: torch's AVX2 kernels vs its baseline ones). Torch's vector kernels, MKL's GEMMs and
     # oneDNN are held to their AVX2 code paths (MKL's "conditional numerical reproducibility"), the widest every
-    # host of this project has; the packed layers are exact on their own (kernels.fast.gemm_exact, every ISA).
+    # host of this project has; the packed layers are exact on their own (the packed kernels and
+    # kernels.fast.gemm_exact give the same bits on every ISA).
     evaluate_env={"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
 )

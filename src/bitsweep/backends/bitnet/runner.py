@@ -16,10 +16,10 @@ from bitsweep.backends.bitnet.quantize import HEAD, load_packed
 from bitsweep.backends.torch_ref import TorchRunner
 from bitsweep.errors import ConfigError
 
-# From this many tokens per call (prompt processing, scoring windows) PackedLinear goes through BLAS: integer
-# activations as exact GEMMs of the integer codes (fast.gemm_exact: the kernels' bits), fp32 activations on the
-# decoded weights; below it (generation, small batches) it runs the packed GEMV/GEMM kernels directly.
-# bench/kernels.py: the packed GEMM beats fp32 sgemm ~2x at 8 tokens and loses at 32 (0.55-0.85x).
+# PackedLinear runs the packed GEMV/GEMM kernels for integer activations at every batch size where they beat BLAS
+# (fast.packed_batches: the SIMD paths, every format but int3; prompts and scoring windows included), else from
+# this many tokens per call through BLAS: integer activations as exact GEMMs of the integer codes
+# (fast.gemm_exact: the kernels' bits), fp32 activations on the decoded weights.
 DEQUANT_BATCH = 16
 
 # Projections that read the same input (a block's hidden state) in every architecture we pack: during generation
@@ -100,11 +100,11 @@ def packed_linear_class():
                 return y if self.bias is None else y + self.bias
             flat = x.reshape(-1, shape[-1]).float().contiguous().numpy()
             acts = fast.prepare_activations_fast(flat, pm.k_padded, pm.group, self.act)
-            if flat.shape[0] < DEQUANT_BATCH:
+            if flat.shape[0] < DEQUANT_BATCH or (acts.integer and fast.packed_batches(pm)):
                 y = torch.from_numpy(fast.gemm_prepared(pm, acts))
             elif acts.integer:
-                # Prompt-sized batches (scoring a window): the integer group sums as exact BLAS GEMMs, so the
-                # scored logits are the int8 kernels' bits on every CPU and thread count (fast.gemm_exact).
+                # Prompt-sized batches (scoring a window) where BLAS is faster: the integer group sums as exact
+                # GEMMs, so the scored logits are the int8 kernels' bits on every CPU and thread count.
                 y = torch.from_numpy(fast.gemm_exact(pm, acts))
             else:
                 # fp32 activations: decode the weights once (our kernel) and let sgemm do the products.
