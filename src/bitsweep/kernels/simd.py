@@ -137,6 +137,33 @@ MAX_ACCUMULATORS = 16  # vector accumulators per span (of AVX-512's 32 registers
 # thread: TQ2_0 / binary / int4 1.12x / 1.18x / 1.11x faster at 4096 than at 1024, 8192 no better). Four tokens
 # per pass do 4x the work per byte; there 1 KiB was as fast or up to 7% faster (int4).
 PREFETCH_GEMV, PREFETCH_BATCH = 4096, 1024
+PREFETCH_ENV = "BITSWEEP_KERNEL_PREFETCH"
+
+
+@cache
+def cpu_vendor() -> str:
+    """``vendor_id`` of the first CPU in /proc/cpuinfo ("GenuineIntel", "AuthenticAMD"; empty where none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def software_prefetch() -> bool:
+    """Whether one-token kernels (GEMV) prefetch their weight stream themselves: ``$BITSWEEP_KERNEL_PREFETCH`` (0 /
+    1), else on all but AMD CPUs. On the Intel AVX-512 host the prefetches sped a streamed GEMV up (see
+    PREFETCH_GEMV); on the Zen 4 host they slowed the int4 GEMV 1.7x and the float16 head GEMV 1.9x (TQ2_0 and
+    binary unchanged; 4096x4096 streamed, A/B in separate processes, twice), its hardware prefetchers keeping up on
+    their own. Batches keep theirs everywhere (without, int4 at batch 8 was 1.15x slower on Zen 4)."""
+    value = os.environ.get(PREFETCH_ENV, "").strip()
+    if value in ("0", "1"):
+        return value == "1"
+    if value:
+        raise ConfigError(f"{PREFETCH_ENV}={value!r}: 0 or 1")
+    return cpu_vendor() != "AuthenticAMD"
 
 
 def _splat(ty, value):
@@ -228,7 +255,7 @@ def _prefetch(builder, ptr):
     builder.call(fn, [ptr, ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
 
 
-def _emit_span(builder, isa, kind, rowp, plane_ptrs, o, e, long=True):
+def _emit_span(builder, isa, kind, rowp, plane_ptrs, o, e, long=True, prefetch=True):
     """int32 sums over bytes [o, e) for each token of ``plane_ptrs`` (``[token][plane]``: i8 pointers to the
     planes' column 0). Full vectors in a loop, then at most one of each narrower width, then single bytes."""
     if (
@@ -237,8 +264,8 @@ def _emit_span(builder, isa, kind, rowp, plane_ptrs, o, e, long=True):
         m = builder.add(
             o, builder.udiv(builder.mul(builder.sub(e, o), ir.Constant(o.type, 2)), ir.Constant(o.type, 3))
         )
-        low = _emit_span(builder, isa, "2", rowp, plane_ptrs, o, m, long)
-        high = _emit_span(builder, isa, "1x4", rowp, plane_ptrs, m, e, long)
+        low = _emit_span(builder, isa, "2", rowp, plane_ptrs, o, m, long, prefetch)
+        high = _emit_span(builder, isa, "1x4", rowp, plane_ptrs, m, e, long, prefetch)
         return [builder.add(a, b) for a, b in zip(low, high, strict=True)]
     ntok = len(plane_ptrs)
     intp = o.type
@@ -258,6 +285,7 @@ def _emit_span(builder, isa, kind, rowp, plane_ptrs, o, e, long=True):
 
     n_chunks = builder.udiv(builder.sub(e, o), const(width))
     ahead = PREFETCH_GEMV if ntok == 1 else PREFETCH_BATCH
+    prefetch = prefetch or ntok > 1  # the flag turns off one token's prefetches (software_prefetch)
     # With VNNI each plane's vpdpbusd would wait for the previous one's result (5 cycles of latency, one issued per
     # cycle): plane t of token n goes to accumulator t % n_acc of that token instead, summed after the loop.
     n_acc = min(PLANES[kind], max(1, MAX_ACCUMULATORS // ntok)) if vnni else 1
@@ -272,7 +300,8 @@ def _emit_span(builder, isa, kind, rowp, plane_ptrs, o, e, long=True):
 
     def run_block(first, count):
         start = builder.add(o, builder.mul(first, const(width)))
-        _prefetch(builder, builder.gep(rowp, [builder.add(start, const(ahead))]))
+        if prefetch:
+            _prefetch(builder, builder.gep(rowp, [builder.add(start, const(ahead))]))
         if vnni:
             codes, xs = products(width, start)
             for n in range(ntok):
@@ -288,7 +317,7 @@ def _emit_span(builder, isa, kind, rowp, plane_ptrs, o, e, long=True):
             builder.store(ir.Constant(v16, None), p16[n])
         with cgutils.for_range(builder, count) as inner:
             at = builder.add(start, builder.mul(inner.index, const(width)))
-            if width * block > 64:
+            if prefetch and width * block > 64:
                 _prefetch(builder, builder.gep(rowp, [builder.add(at, const(ahead))]))
             codes, xs = products(width, at)
             for n in range(ntok):
@@ -404,7 +433,7 @@ def sliced_order(isa: str, bpg: int, n_groups: int) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def _emit_group_batches(builder, isa, kind, bpg, w, rowp, plane_ptrs, first, n_groups, store):
+def _emit_group_batches(builder, isa, kind, bpg, w, rowp, plane_ptrs, first, n_groups, store, prefetch=True):
     """Group sums of one row from group ``first`` on, ``lanes = w / 4`` groups at a time, in the sliced byte
     order of :func:`sliced_order`: a batch is ``bpg / 4`` vectors of ``w`` bytes whose products, summed, hold
     group ``j`` of the batch in int32 lane ``j``. Integer sums, so the same values as one span per group. Returns
@@ -414,6 +443,7 @@ def _emit_group_batches(builder, isa, kind, bpg, w, rowp, plane_ptrs, first, n_g
     v8, v16, v32 = ir.VectorType(I8, w), ir.VectorType(I16, w // 2), ir.VectorType(I32, lanes)
     block = BLOCK16[kind]  # slices whose int16 sums may add up before widening (non-VNNI)
     ahead = PREFETCH_GEMV if ntok == 1 else PREFETCH_BATCH
+    prefetch = prefetch or ntok > 1  # the flag turns off one token's prefetches (software_prefetch)
 
     def const(value):
         return ir.Constant(intp, value)
@@ -427,7 +457,9 @@ def _emit_group_batches(builder, isa, kind, bpg, w, rowp, plane_ptrs, first, n_g
         p16 = [ir.Constant(v16, None)] * ntok
         for c in range(slices):
             at = builder.add(builder.mul(g0, const(bpg)), const(c * w))
-            if (c * w) % 64 == 0:  # once per cache line (twice for 32-byte vectors: cheaper than a branch)
+            if (
+                prefetch and (c * w) % 64 == 0
+            ):  # once per cache line (twice for 32-byte vectors: cheaper than a branch)
                 _prefetch(builder, builder.gep(rowp, [builder.add(at, const(ahead))]))
             codes = _decode(builder, _load(builder, rowp, at, v8), kind)
             for n in range(ntok):
@@ -452,27 +484,27 @@ def _emit_group_batches(builder, isa, kind, bpg, w, rowp, plane_ptrs, first, n_g
 
 
 class Kern:
-    """An (instruction set, code kind, bytes per group) triple; numba compiles each kernel once per triple (see
-    KernType). ``bpg`` 0: the group size is only known at run time (no batched group sums)."""
+    """An (instruction set, code kind, bytes per group, software prefetch) tuple; numba compiles each kernel once per
+    tuple (see KernType). ``bpg`` 0: the group size is only known at run time (no batched group sums)."""
 
-    def __init__(self, isa: str, fmt_id: int, bpg: int = 0) -> None:
+    def __init__(self, isa: str, fmt_id: int, bpg: int = 0, prefetch: bool = True) -> None:
         if isa not in WIDTH:
             raise ValueError(f"no SIMD kernels for {isa!r}")
-        self.isa, self.kind, self.bpg = isa, KIND[fmt_id], bpg
+        self.isa, self.kind, self.bpg, self.prefetch = isa, KIND[fmt_id], bpg, prefetch
 
     def __repr__(self) -> str:
-        return f"Kern({self.isa!r}, {self.kind!r}, {self.bpg})"
+        return f"Kern({self.isa!r}, {self.kind!r}, {self.bpg}, {self.prefetch})"
 
 
 class KernType(types.Type):
-    def __init__(self, isa: str, kind: str, bpg: int = 0) -> None:
-        self.isa, self.kind, self.bpg = isa, kind, bpg
-        super().__init__(name=f"Kern({isa}, {kind}, {bpg})")
+    def __init__(self, isa: str, kind: str, bpg: int = 0, prefetch: bool = True) -> None:
+        self.isa, self.kind, self.bpg, self.prefetch = isa, kind, bpg, prefetch
+        super().__init__(name=f"Kern({isa}, {kind}, {bpg}, {prefetch})")
 
 
 @typeof_impl.register(Kern)
 def _typeof_kern(val, c):
-    return KernType(val.isa, val.kind, val.bpg)
+    return KernType(val.isa, val.kind, val.bpg, val.prefetch)
 
 
 register_model(KernType)(models.OpaqueModel)
@@ -502,7 +534,8 @@ def _make_span(ntok: int):
             kind = sig.args[0].kind
             ptrs = _plane_pointers(builder, pla, tok_, 8 if kind == "3" else PLANES[kind], ntok)
             rowp = builder.gep(builder.bitcast(qa.data, I8.as_pointer()), [builder.mul(i_, q0)])
-            sums = _emit_span(builder, sig.args[0].isa, sig.args[0].kind, rowp, ptrs, o_, e_)
+            kern = sig.args[0]
+            sums = _emit_span(builder, kern.isa, kern.kind, rowp, ptrs, o_, e_, prefetch=kern.prefetch)
             return sums[0] if ntok == 1 else context.make_tuple(builder, sig.return_type, sums)
 
         return sig, codegen
@@ -556,21 +589,25 @@ def _make_group_sums(ntok: int):
                                               builder.mul(g, t1)), builder.mul(col_, t2))  # fmt: skip
                 builder.store(s, builder.bitcast(builder.gep(sbase, [off]), I32.as_pointer()))
 
-            isa, bpg = sig.args[0].isa, sig.args[0].bpg
+            isa, bpg, prefetch = sig.args[0].isa, sig.args[0].bpg, sig.args[0].prefetch
 
             def spans(first):
                 """One span per group from group ``first`` on."""
                 with cgutils.for_range(builder, builder.sub(n_groups, first)) as loop:
                     g = builder.add(first, loop.index)
                     o = builder.mul(g, bpg_)
-                    sums_g = _emit_span(builder, isa, kind, rowp, ptrs, o, builder.add(o, bpg_), long=False)
+                    sums_g = _emit_span(
+                        builder, isa, kind, rowp, ptrs, o, builder.add(o, bpg_), long=False, prefetch=prefetch
+                    )
                     for n, s in enumerate(sums_g):
                         store(n, g, s)
 
             done = ir.Constant(n_groups.type, 0)
             if batched_groups(isa, kind, bpg):
                 for w in batch_widths(isa, bpg):
-                    done = _emit_group_batches(builder, isa, kind, bpg, w, rowp, ptrs, done, n_groups, store)
+                    done = _emit_group_batches(
+                        builder, isa, kind, bpg, w, rowp, ptrs, done, n_groups, store, prefetch
+                    )
             spans(done)
             return context.get_dummy_value()
 
