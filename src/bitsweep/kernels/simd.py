@@ -79,15 +79,20 @@ VNNI = {"avx512vnni", "avxvnni"}
 
 
 @cache
-def cpu_flags() -> frozenset[str]:
-    """The ``flags`` of the first CPU in /proc/cpuinfo (empty where there is none)."""
+def cpuinfo(field: str) -> str:
+    """The value of ``field`` for the first CPU in /proc/cpuinfo (empty where there is none)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
+            if line.startswith(field):
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return frozenset()
+    return ""
+
+
+def cpu_flags() -> frozenset[str]:
+    """The ``flags`` of the first CPU in /proc/cpuinfo (empty where there is none)."""
+    return frozenset(cpuinfo("flags").split())
 
 
 def llvm_features() -> frozenset[str]:
@@ -140,16 +145,9 @@ PREFETCH_GEMV, PREFETCH_BATCH = 4096, 1024
 PREFETCH_ENV = "BITSWEEP_KERNEL_PREFETCH"
 
 
-@cache
 def cpu_vendor() -> str:
     """``vendor_id`` of the first CPU in /proc/cpuinfo ("GenuineIntel", "AuthenticAMD"; empty where none)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    return cpuinfo("vendor_id")
 
 
 def software_prefetch() -> bool:
