@@ -434,7 +434,7 @@ def gemv_int8_unpacked(w, w_scale, xq, x_scale):
 
 def gemv_f16(w: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
     """:func:`_gemv_f16`, prefetching the rows ahead where :func:`simd.software_prefetch` says so."""
-    _gemv_f16(w, x, simd.PREFETCH_GEMV if _prefetch else 0, out)
+    _gemv_f16(w, x, simd.prefetch_distance(1, _prefetch), out)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -599,20 +599,19 @@ def entry_point(dispatcher, *args):
 
 
 def _one_thread() -> bool:
-    """Whether numba runs on one thread here (its count is per calling thread). Once numba's pool is up, read
-    through the getter that ``numba.get_num_threads`` wraps: the wrapper's launch check costs 8 us more per call
+    """Whether numba runs on one thread here (its count is per calling thread), read through the getter that
+    ``numba.get_num_threads`` wraps once numba's pool is up: the wrapper's launch check costs 8 us more per call
     when the caches are cold (numba 0.68; the public function where that getter is missing)."""
     global _thread_count
-    if _thread_count is numba.get_num_threads:
-        count = numba.get_num_threads()  # launches the pool; its getter is bound from then on
+    if _thread_count is None:
+        numba.get_num_threads()  # launches the pool
         from numba.np.ufunc import parallel
 
         _thread_count = getattr(parallel, "_get_num_threads", None) or numba.get_num_threads
-        return count == 1
     return _thread_count() == 1
 
 
-_thread_count = numba.get_num_threads
+_thread_count = None
 
 
 def _c_array(values: np.ndarray, dtype, ndim: int) -> np.ndarray:
@@ -720,14 +719,6 @@ def _quantize_token(x, group, n_groups):
     return xq, xsum, scale
 
 
-@njit(inline="always")
-def _sum_i32(values):
-    total = np.int32(0)
-    for g in range(values.shape[0]):
-        total += values[g]
-    return total
-
-
 @njit(cache=True)
 def _gemv_token(fmt, qs, a, c, group, bytes_per_group, index, uniform, serial, x, out):
     """One token, int8 per-token activations: quantize, gather planes and multiply in a single compiled call
@@ -736,7 +727,7 @@ def _gemv_token(fmt, qs, a, c, group, bytes_per_group, index, uniform, serial, x
     xq, xsum, scale = _quantize_token(x, group, a.shape[1])
     planes = _gather_planes(xq[0], index)
     if uniform:
-        total = _sum_i32(xsum[0])
+        total = simd.sum_i32(xsum[0])
         _gemv_int_rows(fmt, qs, a, c, planes, total, scale[0, 0], out)
     else:
         _gemv_int(fmt, qs, a, c, group, bytes_per_group, planes, xsum[0], scale[0], out)

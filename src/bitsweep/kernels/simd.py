@@ -164,6 +164,14 @@ def software_prefetch() -> bool:
     return cpu_vendor() != "AuthenticAMD"
 
 
+def prefetch_distance(ntok: int, gemv_prefetch: bool) -> int:
+    """Bytes ahead a kernel for ``ntok`` tokens per pass prefetches its weights, 0 for none: one token only where
+    ``gemv_prefetch`` (:func:`software_prefetch`), batches always."""
+    if ntok == 1:
+        return PREFETCH_GEMV if gemv_prefetch else 0
+    return PREFETCH_BATCH
+
+
 def _splat(ty, value):
     if isinstance(ty, ir.VectorType):
         return ir.Constant(ty, [ir.Constant(ty.element, value)] * ty.count)
@@ -282,8 +290,7 @@ def _emit_span(builder, isa, kind, rowp, plane_ptrs, o, e, long=True, prefetch=T
         return ir.Constant(intp, value)
 
     n_chunks = builder.udiv(builder.sub(e, o), const(width))
-    ahead = PREFETCH_GEMV if ntok == 1 else PREFETCH_BATCH
-    prefetch = prefetch or ntok > 1  # the flag turns off one token's prefetches (software_prefetch)
+    ahead = prefetch_distance(ntok, prefetch)
     # With VNNI each plane's vpdpbusd would wait for the previous one's result (5 cycles of latency, one issued per
     # cycle): plane t of token n goes to accumulator t % n_acc of that token instead, summed after the loop.
     n_acc = min(PLANES[kind], max(1, MAX_ACCUMULATORS // ntok)) if vnni else 1
@@ -298,7 +305,7 @@ def _emit_span(builder, isa, kind, rowp, plane_ptrs, o, e, long=True, prefetch=T
 
     def run_block(first, count):
         start = builder.add(o, builder.mul(first, const(width)))
-        if prefetch:
+        if ahead:
             _prefetch(builder, builder.gep(rowp, [builder.add(start, const(ahead))]))
         if vnni:
             codes, xs = products(width, start)
@@ -315,7 +322,7 @@ def _emit_span(builder, isa, kind, rowp, plane_ptrs, o, e, long=True, prefetch=T
             builder.store(ir.Constant(v16, None), p16[n])
         with cgutils.for_range(builder, count) as inner:
             at = builder.add(start, builder.mul(inner.index, const(width)))
-            if prefetch and width * block > 64:
+            if ahead and width * block > 64:
                 _prefetch(builder, builder.gep(rowp, [builder.add(at, const(ahead))]))
             codes, xs = products(width, at)
             for n in range(ntok):
@@ -440,8 +447,7 @@ def _emit_group_batches(builder, isa, kind, bpg, w, rowp, plane_ptrs, first, n_g
     lanes, slices = batch_lanes(w), bpg // 4
     v8, v16, v32 = ir.VectorType(I8, w), ir.VectorType(I16, w // 2), ir.VectorType(I32, lanes)
     block = BLOCK16[kind]  # slices whose int16 sums may add up before widening (non-VNNI)
-    ahead = PREFETCH_GEMV if ntok == 1 else PREFETCH_BATCH
-    prefetch = prefetch or ntok > 1  # the flag turns off one token's prefetches (software_prefetch)
+    ahead = prefetch_distance(ntok, prefetch)
 
     def const(value):
         return ir.Constant(intp, value)
@@ -455,9 +461,8 @@ def _emit_group_batches(builder, isa, kind, bpg, w, rowp, plane_ptrs, first, n_g
         p16 = [ir.Constant(v16, None)] * ntok
         for c in range(slices):
             at = builder.add(builder.mul(g0, const(bpg)), const(c * w))
-            if (
-                prefetch and (c * w) % 64 == 0
-            ):  # once per cache line (twice for 32-byte vectors: cheaper than a branch)
+            # once per cache line (twice for 32-byte vectors: cheaper than a branch)
+            if ahead and (c * w) % 64 == 0:
                 _prefetch(builder, builder.gep(rowp, [builder.add(at, const(ahead))]))
             codes = _decode(builder, _load(builder, rowp, at, v8), kind)
             for n in range(ntok):
@@ -704,6 +709,15 @@ def gather_planes8(xq, index):
     return out
 
 
+@njit(inline="always")
+def sum_i32(values):
+    """The int32 sum of a 1-D array (wrapping as int32 arithmetic does)."""
+    total = np.int32(0)
+    for g in range(values.shape[0]):
+        total += values[g]
+    return total
+
+
 # Each kernel is its loop (``..._serial``: one thread, inlined into compiled callers) and a ``parallel=True`` function
 # running that loop on numba's threads. Callers on one thread take the loop (bitsweep.kernels.fast): a parallel
 # function launches its thread pool even for one thread (8 us more per call when the caches are cold, as
@@ -715,9 +729,7 @@ def gemv_rows_serial(kern, qs, a, c, P, xsum, xscale, out):
     """One token, one scale per row (BitNet absmean) and per token: each row is one integer sum. ``xsum``: the
     token's activation sums per group (int32)."""
     n_rows, n_bytes = qs.shape
-    xsum_total = np.int32(0)
-    for g in range(xsum.shape[0]):
-        xsum_total += xsum[g]
+    xsum_total = sum_i32(xsum)
     for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         for i in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
             s = span(kern, qs, i, P, 0, 0, n_bytes)
