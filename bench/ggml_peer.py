@@ -65,13 +65,17 @@ def tq2_0_blocks(qs: np.ndarray, d: np.ndarray) -> np.ndarray:
 class GgmlTq2Gemv:
     """``copies`` TQ2_0 matrices (the same weights at distinct addresses) times one f32 vector, by ggml."""
 
-    def __init__(self, qs: np.ndarray, d: np.ndarray, copies: int, threads: int) -> None:
+    def __init__(self, qs: np.ndarray, d: np.ndarray, copies: int, threads: int, arena=None) -> None:
+        """``arena`` (bitsweep.kernels.memory.Arena): where ggml's context memory (tensors and graphs) lies; None:
+        ggml allocates it itself."""
         self.base, self.cpu = _libraries()
         n_rows, k = qs.shape[0], d.shape[1] * TQ2_0_BLOCK
         blocks = tq2_0_blocks(qs, d)
         per_graph = 4 * self.base.ggml_tensor_overhead() + self.base.ggml_graph_overhead()
         size = copies * (blocks.nbytes + per_graph + 4 * n_rows + 4096) + 4 * k + (1 << 20)
-        self.ctx = self.base.ggml_init(InitParams(size, None, False))
+        self.memory = None if arena is None else arena.empty(size, np.uint8)  # kept alive with the context
+        buffer = None if self.memory is None else self.memory.ctypes.data
+        self.ctx = self.base.ggml_init(InitParams(size, buffer, False))
         if not self.ctx:
             raise MemoryError(f"ggml_init({size} bytes) failed")
         self.x = self.base.ggml_new_tensor_1d(self.ctx, GGML_TYPE_F32, k)

@@ -9,7 +9,9 @@ twice the last-level cache, so every call streams its weights from memory as in 
 ratios measured in this one run (``speedup_vs_numpy_fp32``: numpy's ``W @ x`` time over the kernel's) plus the
 fraction of the measured read bandwidth each kernel reaches (``roofline``: packed bytes / time / bandwidth).
 At batch 1, ``llamacpp_tq2_0`` is llama.cpp's own TQ2_0 product (ggml's ``mul_mat``, ``bench/ggml_peer.py``) on the
-same codes and scales, as many copies, in the same loop; ``--no-llamacpp`` leaves it out.
+same codes and scales, as many copies, in the same loop; ``--no-llamacpp`` leaves it out. Weights lie where a
+model's do (bitsweep.kernels.memory: huge pages unless ``BITSWEEP_HUGE_PAGES=0``), ggml's copies too;
+``tq2_0_4k_pages`` is our TQ2_0 on 4 KiB pages in the same loop.
 The bandwidth is the best of three streaming reads over the same buffer size: a numba int64 sum, numpy's float32
 ``sum`` and numpy's own fp32 ``W @ x`` (what the kernels race against).
 
@@ -40,7 +42,7 @@ import numba  # noqa: E402
 import numpy as np  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
-from bitsweep.kernels import fast, simd  # noqa: E402
+from bitsweep.kernels import fast, memory, simd  # noqa: E402
 from ggml_peer import GgmlTq2Gemv  # noqa: E402
 from bitsweep.kernels.formats import PackedMatrix, prepare_activations, quantize, uniform_row_scales  # noqa: E402
 # isort: on
@@ -104,6 +106,8 @@ def host_info() -> dict:
         "llama_cpp_python": _llama_cpp_version(),
         "numpy": np.__version__, "python": platform.python_version(), "blas": blas,
         "kernel_isa": fast.current_isa(), "available_isas": simd.available_isas(),
+        "gemv_prefetch_bytes_level": list(simd.software_prefetch()),
+        "transparent_huge_pages": memory.transparent_huge_pages(), "weights_on_huge_pages": memory.arena().huge,
         "numba_cpu_features_no_prefer256": "-prefer-256-bit" in os.environ.get("NUMBA_CPU_FEATURES", ""),
         "openblas_env_unset_by_bench": {k: v for k, v in OPENBLAS_UNSET.items() if v is not None},
     }  # fmt: skip
@@ -177,13 +181,16 @@ def spread(array: np.ndarray, llc: int, cap: int) -> list[np.ndarray]:
     return [array] + [array.copy() for _ in range(copies_for(array.nbytes, llc, cap) - 1)]
 
 
-def replicate(pm: PackedMatrix, n: int) -> list[PackedMatrix]:
-    """``n`` copies at distinct addresses, their kernel scalars converted up front (outside the timing; each
-    cell's warm-up makes their plans for its thread count and batch)."""
-    copies = [PackedMatrix(pm.fmt, pm.group, pm.k, pm.qs.copy(), pm.d.copy(), None if pm.m is None else pm.m.copy())
-              for _ in range(n)]  # fmt: skip
-    for copy in copies:
-        fast.gemm_prepared(copy, prepare_activations(np.zeros((1, pm.k), np.float32), pm.k_padded, pm.group))
+def replicate(pm: PackedMatrix, n: int, arena: memory.Arena) -> list[PackedMatrix]:
+    """``n`` copies at distinct addresses in ``arena`` (huge pages, as a model's weights, or not), their kernel
+    scalars converted up front (outside the timing; each cell's warm-up makes their plans for its thread count and
+    batch)."""
+    copies = [PackedMatrix(pm.fmt, pm.group, pm.k, arena.copy(pm.qs), arena.copy(pm.d),
+                           None if pm.m is None else arena.copy(pm.m)) for _ in range(n)]  # fmt: skip
+    zeros = prepare_activations(np.zeros((1, pm.k), np.float32), pm.k_padded, pm.group)
+    with memory.using(arena):  # the kernels' own copies (byte order, scalars) in the same kind of memory
+        for copy in copies:
+            fast.gemm_prepared(copy, zeros)
     return copies
 
 
@@ -215,17 +222,21 @@ def bench_cell(k, batch, threads, weights, args, bandwidth):
         peer.use_threads(threads)
         peer.set_input(x[0])
         cands["llamacpp_tq2_0"] = (peer, peer.nbytes)
-    for name in args.formats:
+    for name in [*args.formats, *(f"{f}_4k_pages" for f in args.formats if f"{f}_4k_pages" in weights)]:
         copies = weights[name]
         acts = prepare_activations(x, copies[0].k_padded, copies[0].group)
         cands[name] = (lambda i, c=copies, a=acts: fast.gemm_prepared(c[i % len(c)], a), copies[0].nbytes)
-        if fast.groups_batched(copies[0]) and not uniform_row_scales(copies[0], acts):
+        if (
+            name in args.formats
+            and fast.groups_batched(copies[0])
+            and not uniform_row_scales(copies[0], acts)
+        ):
             # the same kernel summing one span per group (the path before batching), in the same loop
             cands[f"{name}_group_spans"] = (
                 lambda i, c=copies, a=acts: per_group_spans(c[i % len(c)], a),
                 copies[0].nbytes,
             )
-        if args.fp32_act and batch == 1:
+        if args.fp32_act and batch == 1 and name in args.formats:
             acts32 = prepare_activations(x, copies[0].k_padded, copies[0].group, "fp32")
             cands[f"{name}_fp32act"] = (
                 lambda i, c=copies, a=acts32: fast.gemm_prepared(c[i % len(c)], a),
@@ -357,10 +368,14 @@ def main() -> None:
         weights["int8"] = (spread(w8, llc, cap), scale.astype(np.float32))
         for name in args.formats:
             pm = quantize(w, name, scale="absmean" if name in ("tq1_0", "tq2_0", "binary") else "absmax")
-            weights[name] = replicate(pm, copies_for(pm.nbytes, llc, cap))
+            weights[name] = replicate(pm, copies_for(pm.nbytes, llc, cap), memory.arena())
+            if name == "tq2_0" and memory.arena().huge:
+                # the same kernel on 4 KiB pages, in the same loop (bitsweep.kernels.memory)
+                weights[f"{name}_4k_pages"] = replicate(pm, len(weights[name]), memory.Arena(huge=False))
             if name == "tq2_0" and not args.no_llamacpp:
-                # llama.cpp's TQ2_0 product on the same codes and scales, as many copies as ours
-                weights["llamacpp_tq2_0"] = GgmlTq2Gemv(pm.qs, pm.d, len(weights[name]), 1)
+                # llama.cpp's TQ2_0 product on the same codes and scales, as many copies as ours, in the same kind
+                # of memory as ours
+                weights["llamacpp_tq2_0"] = GgmlTq2Gemv(pm.qs, pm.d, len(weights[name]), 1, memory.arena())
         for batch in batches:
             for threads in thread_counts:
                 cell = bench_cell(k, batch, threads, weights, args, bandwidth)

@@ -37,6 +37,14 @@ from evaluate import _version, host
 from speed import runner_speed, theirs
 
 
+def kernel_settings() -> dict:
+    """How our kernels ran: instruction set, GEMV prefetch (bytes ahead, cache level), weights on huge pages."""
+    from bitsweep.kernels import fast, memory, simd
+
+    return {"isa": fast.current_isa(), "gemv_prefetch_bytes_level": list(simd.software_prefetch()),
+            "huge_pages": memory.arena().huge, "transparent_huge_pages": memory.transparent_huge_pages()}  # fmt: skip
+
+
 def make_model(out: Path, hidden: int, layers: int, intermediate: int, seed: int = 0) -> Path:
     """A random-weight Llama (transformers' own initialisation, seed ``seed``) with SmolLM2's tokenizer."""
     import torch
@@ -166,7 +174,7 @@ def main() -> None:
     print(json.dumps({
         "host": host(), "model": model, "protocol": {"prompt": args.prompt, "gen": args.gen, "repeats": args.repeats,
                                                      "rounds": args.rounds},
-        "cells": cells,
+        "cells": cells, "kernels": kernel_settings(),
         "versions": {"llama_cpp_python": _version("llama_cpp_python"), "numba": _version("numba"),
                      "torch": _version("torch")},
     }, indent=2))  # fmt: skip

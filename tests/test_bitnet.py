@@ -213,7 +213,7 @@ def test_int8_scoring_gives_the_same_bits_on_every_kernel_path(tiny_model_dir, t
 def test_generation_runs_each_blocks_sibling_projections_as_one_gemv(tiny_model_dir, tmp_path, monkeypatch):
     """q/k/v and gate/up share one stacked matrix (the members' matrices are views of its rows): one token costs
     two compiled GEMV calls fewer per block, and the logits are the same bits as with separate GEMVs."""
-    from bitsweep.kernels import fast
+    from bitsweep.kernels import fast, memory
 
     artifact = quantize(tiny_model_dir, tmp_path, "tq2", 2, format="tq2_0", act="int8")
     runner = BitnetRunner(artifact.path, threads=2, n_ctx=128)
@@ -223,6 +223,10 @@ def test_generation_runs_each_blocks_sibling_projections_as_one_gemv(tiny_model_
     attn = runner.model.model.layers[0].self_attn
     stacked = attn.q_proj.stacked[0]
     assert attn.v_proj.stacked == (stacked, 2) and np.shares_memory(attn.k_proj.pm.qs, stacked.pm.qs)
+    # every packed matrix the kernels stream lies on huge pages (bitsweep.kernels.memory)
+    if memory.arena().huge:
+        packed = [m.pm for m in runner.model.modules() if hasattr(m, "pm") and not hasattr(m, "embed_scale")]
+        assert packed and all(memory.from_arena(pm.qs) and memory.from_arena(pm.d) for pm in packed)
 
     calls = []
     original = fast.linear_token

@@ -23,7 +23,7 @@ gguf_quants = pytest.importorskip("gguf.quants")
 from gguf import GGMLQuantizationType  # noqa: E402
 
 fast = pytest.importorskip("bitsweep.kernels.fast")
-from bitsweep.kernels import simd  # noqa: E402
+from bitsweep.kernels import memory, simd  # noqa: E402
 
 GGUF_TYPES = {"tq2_0": GGMLQuantizationType.TQ2_0, "tq1_0": GGMLQuantizationType.TQ1_0}
 
@@ -344,6 +344,10 @@ def test_simd_paths_compile_to_their_instructions(path, tmp_path):
             fn.compile(sig)
             asm = fn.inspect_asm(fn.signatures[-1])
             print("@@", kind, asm.count({EXPECTED_ASM[path][0]!r}), "{EXPECTED_ASM[path][1]}" in asm)
+        # a GEMV prefetching into L2 (simd.software_prefetch) emits prefetcht1
+        args = (simd.KernType({path!r}, "2", 0, (16384, 2)), types.uint8[:, ::1], types.intp, types.int8[:, :, ::1])
+        row.compile(args)
+        print("@@ prefetch", row.inspect_asm(row.signatures[-1]).count("prefetcht1"))
     """)
     env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES=features, NUMBA_CACHE_DIR=str(tmp_path))
     env.pop(simd.ENV, None)
@@ -352,8 +356,8 @@ def test_simd_paths_compile_to_their_instructions(path, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line.split() for line in done.stdout.splitlines() if line.startswith("@@")]
-    assert len(lines) == 12
-    for _, kind, count, wide in lines:
+    assert len(lines) == 13 and lines[-1][1] == "prefetch" and int(lines[-1][2]) > 0, lines[-1]
+    for _, kind, count, wide in lines[:-1]:
         assert int(count) > 0 and wide == "True", (path, kind, count, wide)
 
 
@@ -413,6 +417,52 @@ def test_the_kernels_can_be_cached_on_disk(recwarn):
     want = head.astype(np.float64) @ x[0, :200].astype(np.float64)
     np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-4)  # float32 sums in any order
     assert not [w for w in recwarn if "Cannot cache" in str(w.message)]
+
+
+def test_prefetch_policy_is_read_from_the_environment(monkeypatch):
+    """``BITSWEEP_KERNEL_PREFETCH``: 0 (none), 1 (this host's default), BYTES:L1 / BYTES:L2; anything else is an
+    error naming the choices. The default goes by vendor (L1 a page ahead on Intel, L2 16 KiB ahead on AMD)."""
+    monkeypatch.delenv(simd.PREFETCH_ENV, raising=False)
+    default = simd.software_prefetch()
+    vendor = simd.cpu_vendor()
+    assert default == (simd.PREFETCH_GEMV_L2 if vendor == "AuthenticAMD" else simd.PREFETCH_GEMV_L1)
+    for value, want in (("0", (0, 0)), ("1", default), ("8192:L2", (8192, 2)), ("4096:l1", (4096, 1))):
+        monkeypatch.setenv(simd.PREFETCH_ENV, value)
+        assert simd.software_prefetch() == want, value
+    for bad in ("yes", "4096", "4096:L3", "-1:L1"):
+        monkeypatch.setenv(simd.PREFETCH_ENV, bad)
+        with pytest.raises(ConfigError, match="BYTES:L2"):
+            simd.software_prefetch()
+    assert simd.prefetch_distance(4, (0, 0)) == simd.PREFETCH_BATCH  # batches always prefetch
+
+
+def test_weights_moved_to_huge_pages_give_the_same_bits(monkeypatch):
+    """fast.to_huge_pages moves a matrix's codes and scales into the arena (cache-line aligned, on huge pages where
+    the kernel gives them) and drops the plans made on the old arrays: the same bits after as before, for a
+    GEMV, a batch and generation's call. ``BITSWEEP_HUGE_PAGES=0`` gives plain numpy arrays."""
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal((5, 768)).astype(np.float32)
+    for name, scale in (("tq2_0", "absmean"), ("int4", "absmax")):
+        pm = ref.quantize(weights(50, 768, seed=8), name, scale=scale)
+        before = (fast.gemm(pm, x), fast.gemm(pm, x[:1]), fast.linear_token(pm, x[2]))
+        old = pm.qs
+        fast.to_huge_pages(pm)
+        assert pm.qs is not old and np.array_equal(pm.qs, old) and "_gemm_plans" not in pm.meta
+        after = (fast.gemm(pm, x), fast.gemm(pm, x[:1]), fast.linear_token(pm, x[2]))
+        for a, b in zip(before, after, strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=name)
+        if memory.arena().huge:
+            assert memory.from_arena(pm.qs) and memory.from_arena(pm.d)
+            assert pm.qs.ctypes.data % memory.ALIGN == 0 and pm.d.ctypes.data % memory.ALIGN == 0
+    if memory.arena().huge and memory.transparent_huge_pages() in ("always", "madvise"):
+        big = memory.copy(np.ones(3 * memory.HUGE_PAGE, np.uint8))  # a whole 2 MiB page at least
+        assert memory.huge_page_bytes(big) >= memory.HUGE_PAGE
+    monkeypatch.setenv(memory.HUGE_PAGES_ENV, "0")
+    plain = memory.Arena()
+    assert not plain.huge and not memory.from_arena(plain.copy(np.ones(10)))
+    monkeypatch.setenv(memory.HUGE_PAGES_ENV, "maybe")
+    with pytest.raises(ConfigError, match="0 or 1"):
+        memory.Arena()
 
 
 def test_group_batches_give_the_same_bits_as_one_span_per_group():

@@ -24,7 +24,7 @@ import numba
 import numpy as np
 from numba import njit, prange, types
 
-from bitsweep.kernels import simd
+from bitsweep.kernels import memory, simd
 from bitsweep.kernels.formats import (
     FMT_BINARY,
     FMT_INT2,
@@ -433,25 +433,29 @@ def gemv_int8_unpacked(w, w_scale, xq, x_scale):
 
 
 def gemv_f16(w: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
-    """:func:`_gemv_f16`, prefetching the rows ahead where :func:`simd.software_prefetch` says so."""
-    _gemv_f16(w, x, simd.prefetch_distance(1, _prefetch), out)
+    """:func:`_gemv_f16`, prefetching the rows ahead as :func:`simd.software_prefetch` says."""
+    _gemv_f16(w, x, *simd.prefetch_distance(1, _prefetch), out)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _gemv_f16(w, x, ahead, out):
+def _gemv_f16(w, x, ahead, level, out):
     """``out = W @ x`` for float16 weights (their uint16 bits, ``(n_rows, k)``) and float32 ``x``: each weight
     converted exactly (``vcvtph2ps``), products summed in float32 in the order the vectoriser picks (fastmath: not
     sgemv's bits). Half the bytes of the same weights in float32, and this kernel is memory-bound: a float16 LM
     head read per generated token (49152 x 1024, one thread) took 8.7 ms against 13.1 for torch's float32 product.
-    With ``ahead`` > 0 each row prefetches the row that many bytes ahead (the hardware streamer stops at page
-    boundaries on the Intel host; on the Zen 4 host the prefetches made this GEMV 1.9x slower)."""
+    With ``ahead`` > 0 each row prefetches the row that many bytes ahead into cache ``level`` (1 or 2; the
+    hardware streamer stops at page boundaries on the Intel host; on the Zen 4 host L1 prefetches a page ahead
+    made this GEMV 1.9x slower)."""
     n_rows, k = w.shape
     row_bytes = 2 * k
     for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         for i in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
             if ahead > 0:
                 for line in range(0, row_bytes, 64):
-                    simd.prefetch(w, i * row_bytes + ahead + line)
+                    if level == 2:
+                        simd.prefetch_l2(w, i * row_bytes + ahead + line)
+                    else:
+                        simd.prefetch_l1(w, i * row_bytes + ahead + line)
             s = np.float32(0)
             for j in range(k):
                 s += simd.half_to_float(w[i, j]) * x[j]
@@ -510,8 +514,8 @@ def _blocked_scalars(pm: PackedMatrix) -> tuple[np.ndarray, np.ndarray, int]:
     if cached is None:
         if pm.d.dtype != np.float16 or (pm.m is not None and pm.m.dtype != np.float16):
             raise ValueError(f"packed scalars must be float16, not {pm.d.dtype}")
-        dB = simd.block_scalars(pm.d.view(np.uint16))
-        mB = dB if pm.m is None else simd.block_scalars(pm.m.view(np.uint16))
+        dB = memory.copy(simd.block_scalars(pm.d.view(np.uint16)))
+        mB = dB if pm.m is None else memory.copy(simd.block_scalars(pm.m.view(np.uint16)))
         cached = pm.meta["_kernel_scalars_blocked"] = (dB, mB, simd.SCALAR_RULE[pm.fmt.fmt_id])
     return cached
 
@@ -520,6 +524,17 @@ def _scalars(pm: PackedMatrix) -> tuple[np.ndarray, np.ndarray]:
     cached = pm.meta.get("_kernel_scalars")
     if cached is None:
         cached = pm.meta["_kernel_scalars"] = pm.kernel_scalars()
+    return cached
+
+
+def _row_scalars(pm: PackedMatrix) -> tuple[np.ndarray, np.ndarray]:
+    """``(a, c)`` of each row's first group, ``(n_rows, 1)`` float32: all the SIMD kernels read of them (rows with
+    one scale; per-group scalars come blocked, :func:`_blocked_scalars`). Read from the full ``(n_rows, n_groups)``
+    arrays they took a cache line per row and array, 12% on top of a 4096-wide TQ2_0 row's 1 KiB of codes."""
+    cached = pm.meta.get("_kernel_row_scalars")
+    if cached is None:
+        a, c = _scalars(pm)
+        cached = pm.meta["_kernel_row_scalars"] = (memory.copy(a[:, :1]), memory.copy(c[:, :1]))
     return cached
 
 
@@ -543,9 +558,21 @@ def _kernel_rows(pm: PackedMatrix, uniform: bool) -> tuple[np.ndarray, np.ndarra
         qs, index = np.ascontiguousarray(pm.qs), _plane_index(pm)
         if key[1]:
             order = simd.sliced_order(_isa, pm.fmt.bytes_per_group(pm.group), pm.k_padded // pm.group)
-            qs, index = np.ascontiguousarray(qs[:, order]), np.ascontiguousarray(index[:, order])
+            qs, index = memory.copy(qs[:, order]), np.ascontiguousarray(index[:, order])
         layouts[key] = (qs, index)
     return layouts[key]
+
+
+def to_huge_pages(pm: PackedMatrix) -> None:
+    """Move ``pm``'s stored arrays (codes and scales) into the huge-page arena (:mod:`bitsweep.kernels.memory`), in
+    place, for a matrix kept as long as a model: rows with one scale are streamed as stored (the kernels' other
+    copies go there anyway). Cached plans and copies are dropped (they point at the old arrays); views of ``pm``
+    (``meta["_rows_of"]``) are the caller's to remake."""
+    pm.qs, pm.d = memory.copy(pm.qs), memory.copy(pm.d)
+    if pm.m is not None:
+        pm.m = memory.copy(pm.m)
+    for key in [key for key in pm.meta if key.startswith("_") and key != "_rows_of"]:
+        del pm.meta[key]
 
 
 def activation_planes(pm: PackedMatrix, x: np.ndarray) -> np.ndarray:
@@ -570,7 +597,7 @@ def gemm_prepared(pm: PackedMatrix, acts: Activations) -> np.ndarray:
     out = np.empty((acts.x.shape[0], pm.n_rows), np.float32)
     bpg = pm.fmt.bytes_per_group(pm.group)
     if acts.integer and _isa != "portable":
-        _gemm_simd(pm, acts, a, c, bpg, out)
+        _gemm_simd(pm, acts, *_row_scalars(pm), bpg, out)
     elif acts.integer and acts.x.shape[0] == 1 and uniform_row_scales(pm, acts):
         planes = activation_planes(pm, acts.x[0])
         xsum_total = np.int32(acts.xsum[0].sum())
@@ -736,8 +763,9 @@ def _gemv_token(fmt, qs, a, c, group, bytes_per_group, index, uniform, serial, x
 @njit(cache=True)
 def _gemv_token_simd(kern, qs, a, c, dB, mB, rule, group, bytes_per_group, index, uniform, serial, x, out):
     """_gemv_token on the SIMD kernels: int8 planes instead of int16 ones. ``uniform`` and ``serial`` (one thread:
-    the kernel's loop inline) are compiled in (:func:`entry_point`)."""
-    xq, xsum, scale = _quantize_token(x, group, a.shape[1])
+    the kernel's loop inline) are compiled in (:func:`entry_point`). ``a``, ``c``: each row's first group's
+    (:func:`_row_scalars`)."""
+    xq, xsum, scale = _quantize_token(x, group, dB.shape[1])
     planes = simd.gather_planes8(xq, index)
     if uniform:
         if serial:
@@ -763,7 +791,8 @@ def linear_token(pm: PackedMatrix, x: np.ndarray) -> np.ndarray:
             fn, args = _gemv_token, (pm.fmt.fmt_id, pm.qs, a, c, *shape, _plane_index(pm), uniform)
         else:
             qs, index = _kernel_rows(pm, uniform)
-            fn, args = _gemv_token_simd, (_kern(pm), qs, a, c, *_blocked_scalars(pm), *shape, index, uniform)
+            fn, args = _gemv_token_simd, (_kern(pm), qs, *_row_scalars(pm), *_blocked_scalars(pm), *shape, index,
+                                          uniform)  # fmt: skip
         plan = plans[key] = (entry_point(fn, *args, serial, x, out), (*args, serial))
     plan[0](*plan[1], x, out)
     return out

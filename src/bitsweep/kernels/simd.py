@@ -136,12 +136,17 @@ PLANES = {"2": 4, "1": 8, "1x4": 8, "4": 2, "t": 5}  # code planes per byte ("1x
 # lane (2: 3072, 1: 2048, 1x4: 8192, 4: 7680, t: 2560) and the total must stay below 2**15.
 BLOCK16 = {"2": 10, "1": 15, "1x4": 3, "4": 4, "t": 12}
 MAX_ACCUMULATORS = 16  # vector accumulators per span (of AVX-512's 32 registers), shared by its tokens
-# Bytes ahead in the weight stream (a software prefetch per block of chunks), by tokens per pass. One token (GEMV)
-# reads its weights fastest: a whole 4 KiB page ahead, as the hardware streamer stops at page boundaries and at
-# 1 KiB (one 4096-wide TQ2_0 row) the next row arrived late (4096x4096 streamed from memory, interleaved, one
-# thread: TQ2_0 / binary / int4 1.12x / 1.18x / 1.11x faster at 4096 than at 1024, 8192 no better). Four tokens
-# per pass do 4x the work per byte; there 1 KiB was as fast or up to 7% faster (int4).
-PREFETCH_GEMV, PREFETCH_BATCH = 4096, 1024
+# How a kernel prefetches its weight stream, (bytes ahead, cache level): a software prefetch per block of chunks
+# (per cache line in group batches), ``ahead`` bytes further on, into L1 (level 1) or L2 (level 2); (0, 0): none.
+# One token (GEMV) per pass on the Intel AVX-512 host: a whole 4 KiB page ahead into L1, as the hardware streamer
+# stops at page boundaries and at 1 KiB (one 4096-wide TQ2_0 row) the next row arrived late (4096x4096 streamed
+# from memory, interleaved, one thread: TQ2_0 / binary / int4 1.12x / 1.18x / 1.11x faster at 4096 than at 1024,
+# 8192 no better). Four tokens per pass do 4x the work per byte; there 1 KiB was as fast or up to 7% faster (int4).
+PREFETCH_GEMV_L1, PREFETCH_BATCH = (4096, 1), (1024, 1)
+NO_PREFETCH = (0, 0)
+# On the Zen 4 host, the L1 prefetches made the int4 GEMV 1.7x slower and the float16 head GEMV 1.9x; 16 KiB
+# ahead into L2 instead (what the L2 streamer does itself, further ahead): see software_prefetch.
+PREFETCH_GEMV_L2 = (16384, 2)
 PREFETCH_ENV = "BITSWEEP_KERNEL_PREFETCH"
 
 
@@ -150,26 +155,27 @@ def cpu_vendor() -> str:
     return cpuinfo("vendor_id")
 
 
-def software_prefetch() -> bool:
-    """Whether one-token kernels (GEMV) prefetch their weight stream themselves: ``$BITSWEEP_KERNEL_PREFETCH`` (0 /
-    1), else on all but AMD CPUs. On the Intel AVX-512 host the prefetches sped a streamed GEMV up (see
-    PREFETCH_GEMV); on the Zen 4 host they slowed the int4 GEMV 1.7x and the float16 head GEMV 1.9x (TQ2_0 and
-    binary unchanged; 4096x4096 streamed, A/B in separate processes, twice), its hardware prefetchers keeping up on
-    their own. Batches keep theirs everywhere (without, int4 at batch 8 was 1.15x slower on Zen 4)."""
+def software_prefetch() -> tuple[int, int]:
+    """How one-token kernels (GEMV) prefetch their weight stream, ``(bytes ahead, cache level)``
+    (:data:`NO_PREFETCH`: not at all): ``$BITSWEEP_KERNEL_PREFETCH`` (``0``; ``1``: this host's default;
+    ``BYTES:L1`` or ``BYTES:L2``), else by vendor: :data:`PREFETCH_GEMV_L1` on Intel, :data:`PREFETCH_GEMV_L2` on
+    AMD (measured below). Batches always take :data:`PREFETCH_BATCH`."""
     value = os.environ.get(PREFETCH_ENV, "").strip()
-    if value in ("0", "1"):
-        return value == "1"
-    if value:
-        raise ConfigError(f"{PREFETCH_ENV}={value!r}: 0 or 1")
-    return cpu_vendor() != "AuthenticAMD"
+    default = PREFETCH_GEMV_L2 if cpu_vendor() == "AuthenticAMD" else PREFETCH_GEMV_L1
+    if value in ("", "1"):
+        return default
+    if value == "0":
+        return NO_PREFETCH
+    ahead, _, level = value.upper().partition(":L")
+    if ahead.isdigit() and int(ahead) > 0 and level in ("1", "2"):
+        return int(ahead), int(level)
+    raise ConfigError(f"{PREFETCH_ENV}={value!r}: 0, 1 (this host's default) or BYTES:L1 / BYTES:L2")
 
 
-def prefetch_distance(ntok: int, gemv_prefetch: bool) -> int:
-    """Bytes ahead a kernel for ``ntok`` tokens per pass prefetches its weights, 0 for none: one token only where
-    ``gemv_prefetch`` (:func:`software_prefetch`), batches always."""
-    if ntok == 1:
-        return PREFETCH_GEMV if gemv_prefetch else 0
-    return PREFETCH_BATCH
+def prefetch_distance(ntok: int, gemv_prefetch: tuple[int, int]) -> tuple[int, int]:
+    """``(bytes ahead, cache level)`` a kernel for ``ntok`` tokens per pass prefetches its weights with, (0, 0) for
+    none: one token as ``gemv_prefetch`` (:func:`software_prefetch`), batches always :data:`PREFETCH_BATCH`."""
+    return gemv_prefetch if ntok == 1 else PREFETCH_BATCH
 
 
 def _splat(ty, value):
@@ -256,12 +262,14 @@ def _load(builder, base, off, ty):
     return builder.load(builder.bitcast(ptr, ty.as_pointer()), align=1)
 
 
-def _prefetch(builder, ptr):
+def _prefetch(builder, ptr, level=1):
+    """A read prefetch of the line at ``ptr`` into cache ``level`` (1: L1, LLVM locality 3, ``prefetcht0``; 2: L2,
+    locality 2, ``prefetcht1``)."""
     fn = _declare(builder, "llvm.prefetch.p0", ir.VoidType(), [ptr.type, I32, I32, I32])
-    builder.call(fn, [ptr, ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
+    builder.call(fn, [ptr, ir.Constant(I32, 0), ir.Constant(I32, 4 - level), ir.Constant(I32, 1)])
 
 
-def _emit_span(builder, isa, kind, rowp, plane_ptrs, o, e, long=True, prefetch=True):
+def _emit_span(builder, isa, kind, rowp, plane_ptrs, o, e, long=True, prefetch=NO_PREFETCH):
     """int32 sums over bytes [o, e) for each token of ``plane_ptrs`` (``[token][plane]``: i8 pointers to the
     planes' column 0). Full vectors in a loop, then at most one of each narrower width, then single bytes."""
     if (
@@ -290,7 +298,7 @@ def _emit_span(builder, isa, kind, rowp, plane_ptrs, o, e, long=True, prefetch=T
         return ir.Constant(intp, value)
 
     n_chunks = builder.udiv(builder.sub(e, o), const(width))
-    ahead = prefetch_distance(ntok, prefetch)
+    ahead, level = prefetch_distance(ntok, prefetch)
     # With VNNI each plane's vpdpbusd would wait for the previous one's result (5 cycles of latency, one issued per
     # cycle): plane t of token n goes to accumulator t % n_acc of that token instead, summed after the loop.
     n_acc = min(PLANES[kind], max(1, MAX_ACCUMULATORS // ntok)) if vnni else 1
@@ -306,7 +314,7 @@ def _emit_span(builder, isa, kind, rowp, plane_ptrs, o, e, long=True, prefetch=T
     def run_block(first, count):
         start = builder.add(o, builder.mul(first, const(width)))
         if ahead:
-            _prefetch(builder, builder.gep(rowp, [builder.add(start, const(ahead))]))
+            _prefetch(builder, builder.gep(rowp, [builder.add(start, const(ahead))]), level)
         if vnni:
             codes, xs = products(width, start)
             for n in range(ntok):
@@ -323,7 +331,7 @@ def _emit_span(builder, isa, kind, rowp, plane_ptrs, o, e, long=True, prefetch=T
         with cgutils.for_range(builder, count) as inner:
             at = builder.add(start, builder.mul(inner.index, const(width)))
             if ahead and width * block > 64:
-                _prefetch(builder, builder.gep(rowp, [builder.add(at, const(ahead))]))
+                _prefetch(builder, builder.gep(rowp, [builder.add(at, const(ahead))]), level)
             codes, xs = products(width, at)
             for n in range(ntok):
                 builder.store(_madd16(builder, width, builder.load(p16[n]), codes, xs[n]), p16[n])
@@ -438,7 +446,9 @@ def sliced_order(isa: str, bpg: int, n_groups: int) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def _emit_group_batches(builder, isa, kind, bpg, w, rowp, plane_ptrs, first, n_groups, store, prefetch=True):
+def _emit_group_batches(
+    builder, isa, kind, bpg, w, rowp, plane_ptrs, first, n_groups, store, prefetch=NO_PREFETCH
+):
     """Group sums of one row from group ``first`` on, ``lanes = w / 4`` groups at a time, in the sliced byte
     order of :func:`sliced_order`: a batch is ``bpg / 4`` vectors of ``w`` bytes whose products, summed, hold
     group ``j`` of the batch in int32 lane ``j``. Integer sums, so the same values as one span per group. Returns
@@ -447,7 +457,7 @@ def _emit_group_batches(builder, isa, kind, bpg, w, rowp, plane_ptrs, first, n_g
     lanes, slices = batch_lanes(w), bpg // 4
     v8, v16, v32 = ir.VectorType(I8, w), ir.VectorType(I16, w // 2), ir.VectorType(I32, lanes)
     block = BLOCK16[kind]  # slices whose int16 sums may add up before widening (non-VNNI)
-    ahead = prefetch_distance(ntok, prefetch)
+    ahead, level = prefetch_distance(ntok, prefetch)
 
     def const(value):
         return ir.Constant(intp, value)
@@ -463,7 +473,7 @@ def _emit_group_batches(builder, isa, kind, bpg, w, rowp, plane_ptrs, first, n_g
             at = builder.add(builder.mul(g0, const(bpg)), const(c * w))
             # once per cache line (twice for 32-byte vectors: cheaper than a branch)
             if ahead and (c * w) % 64 == 0:
-                _prefetch(builder, builder.gep(rowp, [builder.add(at, const(ahead))]))
+                _prefetch(builder, builder.gep(rowp, [builder.add(at, const(ahead))]), level)
             codes = _decode(builder, _load(builder, rowp, at, v8), kind)
             for n in range(ntok):
                 xs = [_load(builder, p, at, v8) for p in plane_ptrs[n][: len(codes)]]
@@ -487,22 +497,23 @@ def _emit_group_batches(builder, isa, kind, bpg, w, rowp, plane_ptrs, first, n_g
 
 
 class Kern:
-    """An (instruction set, code kind, bytes per group, software prefetch) tuple; numba compiles each kernel once per
-    tuple (see KernType). ``bpg`` 0: the group size is only known at run time (no batched group sums)."""
+    """An (instruction set, code kind, bytes per group, GEMV prefetch) tuple; numba compiles each kernel once per
+    tuple (see KernType). ``bpg`` 0: the group size is only known at run time (no batched group sums);
+    ``prefetch``: ``(bytes ahead, cache level)`` of one-token passes (:func:`software_prefetch`)."""
 
-    def __init__(self, isa: str, fmt_id: int, bpg: int = 0, prefetch: bool = True) -> None:
+    def __init__(self, isa: str, fmt_id: int, bpg: int = 0, prefetch: tuple[int, int] = NO_PREFETCH) -> None:
         if isa not in WIDTH:
             raise ValueError(f"no SIMD kernels for {isa!r}")
-        self.isa, self.kind, self.bpg, self.prefetch = isa, KIND[fmt_id], bpg, prefetch
+        self.isa, self.kind, self.bpg, self.prefetch = isa, KIND[fmt_id], bpg, tuple(prefetch)
 
     def __repr__(self) -> str:
         return f"Kern({self.isa!r}, {self.kind!r}, {self.bpg}, {self.prefetch})"
 
 
 class KernType(types.Type):
-    def __init__(self, isa: str, kind: str, bpg: int = 0, prefetch: bool = True) -> None:
+    def __init__(self, isa: str, kind: str, bpg: int = 0, prefetch: tuple[int, int] = NO_PREFETCH) -> None:
         self.isa, self.kind, self.bpg, self.prefetch = isa, kind, bpg, prefetch
-        super().__init__(name=f"Kern({isa}, {kind}, {bpg}, {prefetch})")
+        super().__init__(name=f"Kern({isa}, {kind}, {bpg}, prefetch {prefetch[0]} L{prefetch[1]})")
 
 
 @typeof_impl.register(Kern)
@@ -662,20 +673,26 @@ def half_to_float(typingctx, bits):
     return types.float32(types.uint16), codegen
 
 
-@intrinsic
-def prefetch(typingctx, array, offset):
-    """Prefetch the cache line at byte ``offset`` from the start of ``array`` (into every cache level; past the end
-    of the array it is a no-op: a prefetch never faults)."""
-    if not isinstance(array, types.Array) or not isinstance(offset, types.Integer):
-        return None
+def _make_prefetch(level: int):
+    @intrinsic
+    def prefetch(typingctx, array, offset):
+        """Prefetch the cache line at byte ``offset`` from the start of ``array`` into this cache level (past the
+        end of the array it is a no-op: a prefetch never faults)."""
+        if not isinstance(array, types.Array) or not isinstance(offset, types.Integer):
+            return None
 
-    def codegen(context, builder, sig, args):
-        data = context.make_array(sig.args[0])(context, builder, args[0]).data
-        at = context.cast(builder, args[1], sig.args[1], types.intp)
-        _prefetch(builder, builder.gep(builder.bitcast(data, I8.as_pointer()), [at]))
-        return context.get_dummy_value()
+        def codegen(context, builder, sig, args):
+            data = context.make_array(sig.args[0])(context, builder, args[0]).data
+            at = context.cast(builder, args[1], sig.args[1], types.intp)
+            _prefetch(builder, builder.gep(builder.bitcast(data, I8.as_pointer()), [at]), level)
+            return context.get_dummy_value()
 
-    return types.none(array, offset), codegen
+        return types.none(array, offset), codegen
+
+    return prefetch
+
+
+prefetch_l1, prefetch_l2 = _make_prefetch(1), _make_prefetch(2)
 
 
 @njit(inline="always")
@@ -769,10 +786,11 @@ def gemv_groups_serial(kern, qs, dB, mB, rule, bpg, P, xsum, xscale, out):
 def gemm_serial(kern, qs, a, c, dB, mB, rule, bpg, P, xsum, xscale, uniform, out):
     """Batched: each row is read once and each chunk of its codes decoded once per four tokens. ``uniform``: one
     scale per row and per token (formats.uniform_row_scales), so a row is one integer sum per token; otherwise
-    per-group sums combined as in gemv_groups."""
-    n_rows, n_groups = a.shape
+    per-group sums combined as in gemv_groups. ``a``, ``c``: at least each row's first group's (``(n_rows, 1)``
+    will do: only ``uniform`` rows read them)."""
+    n_rows, n_bytes = qs.shape
+    n_groups = dB.shape[1]
     n_tok = P.shape[0]
-    n_bytes = qs.shape[1]
     xsum_total = np.zeros(n_tok, np.int32)
     for t in range(n_tok):
         for g in range(n_groups):

@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from bitsweep.kernels import fast
+from bitsweep.kernels import fast, memory
 
 FUSED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "bitnet")
 # the MLP's gate activation: SiLU (Llama and the others), squared ReLU (BitNet b1.58)
@@ -201,7 +201,7 @@ def float16_head(head) -> np.ndarray | None:
     half = weight.astype(np.float16)
     if not np.array_equal(half.astype(np.float32), weight):
         return None
-    return half.view(np.uint16)
+    return memory.copy(half.view(np.uint16))  # streamed once per token: on huge pages
 
 
 class Block:

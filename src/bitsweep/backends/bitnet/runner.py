@@ -39,9 +39,8 @@ class StackedRows:
 
         first = members[0]
         self.pm = PackedMatrix(
-            first.fmt, first.group, first.k, np.concatenate([m.qs for m in members]),
-            np.concatenate([m.d for m in members]),
-            None if first.m is None else np.concatenate([m.m for m in members]),
+            first.fmt, first.group, first.k, _stack([m.qs for m in members]), _stack([m.d for m in members]),
+            None if first.m is None else _stack([m.m for m in members]),
         )  # fmt: skip
         bounds = np.cumsum([0, *(m.n_rows for m in members)])
         self.rows = [(int(a), int(b)) for a, b in pairwise(bounds)]
@@ -72,6 +71,14 @@ class StackedRows:
             self._input = key
         a, b = self.rows[member]
         return self._out[a:b]
+
+
+def _stack(arrays):
+    """``np.concatenate(arrays)`` in the kernels' huge-page arena (bitsweep.kernels.memory)."""
+    from bitsweep.kernels import memory
+
+    out = memory.arena().empty((sum(a.shape[0] for a in arrays), *arrays[0].shape[1:]), arrays[0].dtype)
+    return np.concatenate(arrays, out=out)
 
 
 def packed_linear_class():
@@ -135,6 +142,18 @@ def stack_siblings(model, packed_linear) -> None:
                 member.pm, member.stacked = view, (rows, index)
 
 
+def to_huge_pages(model, packed_linear) -> None:
+    """Move the packed matrices that are not rows of a stack (stacks are made there) into huge pages
+    (fast.to_huge_pages), once each: a tied packed head is also the embedding's matrix."""
+    from bitsweep.kernels import fast
+
+    moved = set()
+    for module in model.modules():
+        if isinstance(module, packed_linear) and module.stacked is None and id(module.pm) not in moved:
+            fast.to_huge_pages(module.pm)
+            moved.add(id(module.pm))
+
+
 def packed_embedding(pm, like):
     """An embedding module whose table is the packed matrix ``pm`` (rows dequantized on lookup), standing in for
     ``like`` (nn.Embedding, or Gemma 3's scaled one: its ``embed_scale`` is applied as there)."""
@@ -187,6 +206,7 @@ def build_model(path: Path, act: str | None = None):
         linear = PackedLinear(pm, None if bias is None else torch.from_numpy(bias), act or info["act"])
         setattr(parent, child, linear)
     stack_siblings(model, PackedLinear)
+    to_huge_pages(model, PackedLinear)
     if tied_head:
         model.set_input_embeddings(packed_embedding(packed[HEAD], model.get_input_embeddings()))
     state = {name: torch.from_numpy(array.astype(np.float32)) for name, array in kept.items()}
