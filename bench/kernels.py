@@ -371,7 +371,7 @@ def main() -> None:
             weights[name] = replicate(pm, copies_for(pm.nbytes, llc, cap), memory.arena())
             if name == "tq2_0" and memory.arena().huge:
                 # the same kernel on 4 KiB pages, in the same loop (bitsweep.kernels.memory)
-                weights[f"{name}_4k_pages"] = replicate(pm, len(weights[name]), memory.Arena(huge=False))
+                weights[f"{name}_4k_pages"] = replicate(pm, len(weights[name]), memory.Arena("small"))
             if name == "tq2_0" and not args.no_llamacpp:
                 # llama.cpp's TQ2_0 product on the same codes and scales, as many copies as ours, in the same kind
                 # of memory as ours

@@ -457,6 +457,8 @@ def test_weights_moved_to_huge_pages_give_the_same_bits(monkeypatch):
     if memory.arena().huge and memory.transparent_huge_pages() in ("always", "madvise"):
         big = memory.copy(np.ones(3 * memory.HUGE_PAGE, np.uint8))  # a whole 2 MiB page at least
         assert memory.huge_page_bytes(big) >= memory.HUGE_PAGE
+    small = memory.Arena("small").copy(np.ones(3 * memory.HUGE_PAGE, np.uint8))  # advised against huge pages
+    assert memory.from_arena(small) and memory.huge_page_bytes(small) == 0
     monkeypatch.setenv(memory.HUGE_PAGES_ENV, "0")
     plain = memory.Arena()
     assert not plain.huge and not memory.from_arena(plain.copy(np.ones(10)))

@@ -49,19 +49,28 @@ def transparent_huge_pages() -> str:
 
 
 class Arena:
-    """Arrays carved out of huge-page mappings, :data:`ALIGN`-aligned, in the order asked for. ``huge=False``: plain
-    numpy arrays (for comparisons)."""
+    """Arrays carved out of page-aligned mappings, :data:`ALIGN`-aligned, in the order asked for. ``pages``:
+    ``"huge"`` (mappings advised ``MADV_HUGEPAGE``, from a 2 MiB boundary), ``"small"`` (advised
+    ``MADV_NOHUGEPAGE``: 4 KiB pages for sure, for comparisons) or ``"numpy"`` (plain numpy arrays, which numpy
+    itself advises from 4 MiB); default: ``"huge"`` where :func:`huge_pages_wanted`, else ``"numpy"``."""
 
-    def __init__(self, huge: bool | None = None, block: int = BLOCK) -> None:
-        self.huge = huge_pages_wanted() if huge is None else huge
-        self.block = block
+    def __init__(self, pages: str | None = None, block: int = BLOCK) -> None:
+        if pages is None:
+            pages = "huge" if huge_pages_wanted() else "numpy"
+        if pages not in ("huge", "small", "numpy"):
+            raise ValueError(f"pages={pages!r}: huge, small or numpy")
+        self.pages, self.block = pages, block
         self._buffer: np.ndarray | None = None  # the current mapping's bytes, from a 2 MiB boundary
         self._used = 0
+
+    @property
+    def huge(self) -> bool:
+        return self.pages == "huge"
 
     def empty(self, shape, dtype) -> np.ndarray:
         dtype = np.dtype(dtype)
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if not self.huge:
+        if self.pages == "numpy":
             return np.empty(shape, dtype)
         start = -(-self._used // ALIGN) * ALIGN
         if self._buffer is None or start + nbytes > self._buffer.size:
@@ -75,12 +84,11 @@ class Arena:
         out[...] = values
         return out
 
-    @staticmethod
-    def _map(size: int) -> np.ndarray:
+    def _map(self, size: int) -> np.ndarray:
         # a private anonymous mapping (a shared one would be shmem, which THP's madvise mode leaves alone), one huge
         # page longer than asked so that the bytes used can start on a 2 MiB boundary
         region = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        region.madvise(mmap.MADV_HUGEPAGE)
+        region.madvise(mmap.MADV_HUGEPAGE if self.huge else mmap.MADV_NOHUGEPAGE)
         raw = np.frombuffer(region, np.uint8)  # keeps the mapping alive as long as any array from it
         skip = -raw.ctypes.data % HUGE_PAGE
         return raw[skip : skip + size]
