@@ -122,7 +122,7 @@ def copy(values: np.ndarray) -> np.ndarray:
 
 
 def from_arena(values: np.ndarray) -> bool:
-    """Whether ``values`` is memory of an :class:`Arena`'s huge-page mappings (a view of one)."""
+    """Whether ``values`` is memory of an :class:`Arena`'s mappings (a view of one; either kind of pages)."""
     base = values
     while isinstance(base, np.ndarray):
         base = base.base

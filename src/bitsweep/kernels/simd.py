@@ -235,19 +235,19 @@ def _declare(builder, name, ret, args):
 
 def _madd_chunk(builder, isa, w, acc, codes, xs):
     """acc (<w/4 x i32>) + sum_t codes[t] . xs[t] (each <w x i8>), grouped by 4 bytes per lane."""
-    v8, v16, v32 = ir.VectorType(I8, w), ir.VectorType(I16, w // 2), ir.VectorType(I32, w // 4)
+    v16 = ir.VectorType(I16, w // 2)
     if isa in VNNI:
-        name = {16: "llvm.x86.avx512.vpdpbusd.128", 32: "llvm.x86.avx512.vpdpbusd.256",
-                64: "llvm.x86.avx512.vpdpbusd.512"}[w]  # fmt: skip
         for q, x in zip(codes, xs, strict=True):
-            acc = _dpbusd(builder, name, v8, v32, acc, q, x)
+            acc = _dpbusd(builder, acc, q, x)
         return acc
     return _widen(builder, w, acc, _madd16(builder, w, ir.Constant(v16, None), codes, xs))
 
 
-def _dpbusd(builder, name, v8, v32, acc, q, x):
-    """``acc + vpdpbusd(q, x)``: unsigned bytes ``q`` times signed bytes ``x``, four adjacent products per int32 lane
-    (``name``: the intrinsic of the vectors' width; its byte operands are typed as in this LLVM)."""
+def _dpbusd(builder, acc, q, x):
+    """``acc + vpdpbusd(q, x)``: unsigned bytes ``q`` times signed bytes ``x`` (``<w x i8>``, w 16, 32 or 64), four
+    adjacent products per int32 lane of ``acc`` (the intrinsic's byte operands typed as in this LLVM)."""
+    v8, v32 = q.type, acc.type
+    name = f"llvm.x86.avx512.vpdpbusd.{8 * v8.count}"
     if _DPBUSD_BYTES:
         return builder.call(_declare(builder, name, v32, [v32, v8, v8]), [acc, q, x])
     fn = _declare(builder, name, v32, [v32, v32, v32])
@@ -388,7 +388,6 @@ def _emit_trit_span(builder, isa, rowp, plane_ptrs, o, e, n_chunks, ahead, level
     lane's ``(3A - B) >> 8``; the bytes after the last full vector as :func:`_emit_tail` does."""
     width = WIDTH[isa]
     v8, v32 = ir.VectorType(I8, width), ir.VectorType(I32, width // 4)
-    name = {32: "llvm.x86.avx512.vpdpbusd.256", 64: "llvm.x86.avx512.vpdpbusd.512"}[width]
     accs = [cgutils.alloca_once_value(builder, ir.Constant(v32, None)) for _ in range(4)]  # A0, A1, B0, B1
     with cgutils.for_range(builder, n_chunks) as loop:
         at = builder.add(o, builder.mul(loop.index, ir.Constant(o.type, width)))
@@ -398,7 +397,7 @@ def _emit_trit_span(builder, isa, rowp, plane_ptrs, o, e, n_chunks, ahead, level
         for t in range(PLANES["t"]):
             x = _load(builder, plane_ptrs[0][t], at, v8)
             for acc, m in ((accs[t % 2], ms[t]), (accs[2 + t % 2], ms[t + 1])):
-                builder.store(_dpbusd(builder, name, v8, v32, builder.load(acc), m, x), acc)
+                builder.store(_dpbusd(builder, builder.load(acc), m, x), acc)
     a = builder.add(builder.load(accs[0]), builder.load(accs[1]))
     b = builder.add(builder.load(accs[2]), builder.load(accs[3]))
     lanes = builder.ashr(builder.sub(builder.mul(a, _splat(v32, 3)), b), _splat(v32, 8))
