@@ -129,6 +129,10 @@ def convert_mem_mb(wildcards):
     return stage_mb(MEMORY_PLAN, wildcards.model, f"convert:{wildcards.format}")
 
 
+def check_threads(wildcards):
+    return CONVERSIONS[wildcards.format][0].check_threads(EXP.eval.threads)
+
+
 def check_mem_mb(wildcards):
     return stage_mb(MEMORY_PLAN, wildcards.model, f"check:{wildcards.format}")
 

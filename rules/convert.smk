@@ -35,7 +35,7 @@ rule check_conversion:
         f"{BENCH}/check_conversion/{{model}}/{{format}}.tsv"
     params:
         model=model_json,
-    threads: EXP.eval.threads
+    threads: check_threads
     resources:
         mem_mb=check_mem_mb,
     shell:

@@ -135,6 +135,24 @@ def test_gemma_tokenizer_is_its_sentencepiece_model(tmp_path):
     assert tokenizer.decode(sp.encode(text)) == text
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tokenizers_library_reads_and_writes_text_as_transformers_does(arch, tmp_path):
+    """Runners decode and calibration encodes with the ``tokenizers`` library from tokenizer.json (no
+    transformers import); the windows come from transformers' tokenizer: both must give the same ids and text."""
+    from transformers import AutoTokenizer
+
+    from bitsweep.text import fast_tokenizer, pydoc_texts, text_ids
+
+    folder = make_tiny_model(arch, tmp_path / arch)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    text = pydoc_texts(0.25)[1][:20_000] + " ".join(tokenizer.all_special_tokens)  # control tokens as text
+    ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert text_ids(folder, text) == ids
+    ids += list(tokenizer.all_special_ids)  # control tokens are kept when decoding, as in the windows (BOS)
+    decoded = fast_tokenizer(folder).decode(ids, skip_special_tokens=False)
+    assert decoded == tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+
+
 @pytest.mark.slow
 def test_bitnet_weights_are_fixed_points_of_absmean_ternarisation(tmp_path):
     from safetensors.numpy import load_file

@@ -76,6 +76,13 @@ def test_fp32_mlx_matches_torch_and_generates(tiny_model_dir, tiny_mlx, fp_logit
         runner.close()
 
 
+def test_conversion_check_asks_for_the_one_core_mlx_computes_on():
+    from bitsweep.backends.mlx import MLX
+    from bitsweep.backends.onnx_family import ONNX
+
+    assert (MLX.check_threads(4), ONNX.check_threads(4), ONNX.check_threads(1)) == (1, 4, 1)
+
+
 def test_rope_base_written_only_under_rope_parameters_is_used(tiny_model_dir, tmp_path_factory):
     """transformers 5 writes ``rope_parameters`` only; mlx-lm would silently run RoPE with base 10000."""
     hf = tmp_path_factory.mktemp("rope") / "hf"

@@ -159,6 +159,16 @@ def test_qnn_qdq_models_use_16_bit_activations_and_keep_the_mask_float(tiny_onnx
                                     for n in model.graph.node)  # fmt: skip
     assert "int4" in w4a16.meta["applied"]["weight_types"]
     assert kld_vs(tiny_onnx, w8a16) < 0.05
+    # One calibration per graph: W4A16 read the tensor ranges W8A16 calibrated, and made the model a calibration
+    # of its own makes.
+    assert w8a16.meta["applied"]["tensor_ranges_from"] == "calibrated here"
+    assert w4a16.meta["applied"]["tensor_ranges_from"] == "an earlier variant's calibration"
+    assert w4a16.meta["applied"]["tensor_ranges"] == w8a16.meta["applied"]["tensor_ranges"]
+    alone = quantize(
+        "qnn", tiny_onnx, tmp_path / "alone", "w4a16", 4, calib_text, format="W4A16", dataset=True
+    )
+    assert alone.meta["applied"]["tensor_ranges_from"] == "calibrated here"
+    assert alone.model_file.read_bytes() == w4a16.model_file.read_bytes()
     # 16-bit QDQ activations decoded other tokens in a batch than alone (SmolLM2): one prompt at a time
     assert not OnnxRunner(w8a16.path, 2).batch_greedy and not OnnxRunner(w4a16.path, 2).batch_greedy
 
@@ -224,7 +234,8 @@ def test_aihub_job_construction(tiny_onnx, tmp_path, calib_text, monkeypatch):
 
 def test_linear_quantization_makes_onnxruntimes_own_models(tiny_onnx, tmp_path, calib_text, monkeypatch):
     """bitsweep.backends.ort_linear's one-pass versions of onnxruntime's quadratic loops: the calibration graph
-    has onnxruntime's nodes in onnxruntime's order, and the QNN and static QDQ models are byte-identical."""
+    has onnxruntime's nodes in onnxruntime's order, and the QNN (8- and 4-bit weights) and static QDQ models are
+    byte-identical."""
     import contextlib
     import re
 
@@ -246,6 +257,8 @@ def test_linear_quantization_makes_onnxruntimes_own_models(tiny_onnx, tmp_path, 
         made = {
             "qnn": quantize("qnn", tiny_onnx, tmp_path / str(len(runs)), "w8a16", 8, calib_text,
                             format="W8A16", dataset=True),
+            "qnn_int4": quantize("qnn", tiny_onnx, tmp_path / str(len(runs)), "w4a16", 4, calib_text,
+                                 format="W4A16", dataset=True),  # int4 weights: pack_bytes_to_4bit
             "qdq": quantize("onnxruntime", tiny_onnx, tmp_path / str(len(runs)), "int8_qdq", 8, calib_text,
                             format="QDQ_INT8"),
         }  # fmt: skip

@@ -22,6 +22,7 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -66,13 +67,19 @@ class FormatInfo:
 
     ``converter``: ``"module:function"`` called as ``convert(model_dir, out, options, trust_remote_code)``;
     None for ``hf``, the downloaded folder itself. ``runner``: the runner that checks a conversion against
-    torch (max |logit diff| on the first window), ``"module:Class"``.
+    torch (max |logit diff| on the first window), ``"module:Class"``. ``runner_threads``: the most cores that
+    runner computes on, when fewer than it is given (the check asks the scheduler for no more).
     """
 
     name: str
     converter: str | None = None
     runner: str | None = None
     convert_footprint: Footprint = field(default_factory=Footprint)
+    runner_threads: int | None = None
+
+    def check_threads(self, threads: int) -> int:
+        """Threads for the conversion check of this format, ``threads`` at most."""
+        return min(threads, self.runner_threads or threads)
 
 
 HF_FORMAT = FormatInfo("hf")
@@ -343,6 +350,7 @@ class BaseRunner:
     def __init__(self, path: str | Path, threads: int, n_ctx: int) -> None:
         self.path, self.threads, self.n_ctx = Path(path), threads, n_ctx
         self._tokenizer = None
+        self._decoder = None
 
     @property
     def tokenizer(self):
@@ -370,8 +378,20 @@ class BaseRunner:
         return self.logits(ids)
 
     def detokenize(self, ids: np.ndarray) -> bytes:
-        """The bytes this runner's own tokenizer makes of ``ids`` (to check the vocabularies agree)."""
-        return self.tokenizer.decode(ids.tolist(), clean_up_tokenization_spaces=False).encode()
+        """The bytes this runner's own tokenizer makes of ``ids`` (to check the vocabularies agree).
+
+        A folder with a ``tokenizer.json`` is decoded by the ``tokenizers`` library itself, without importing
+        transformers (:func:`bitsweep.text.fast_tokenizer`).
+        """
+        if self._decoder is None:
+            from bitsweep.text import fast_tokenizer
+
+            fast = fast_tokenizer(self.path)
+            self._decoder = (
+                partial(fast.decode, skip_special_tokens=False) if fast is not None
+                else partial(self.tokenizer.decode, clean_up_tokenization_spaces=False)
+            )  # fmt: skip
+        return self._decoder(ids.tolist()).encode()
 
     def _prefill(self, prompt: np.ndarray) -> np.ndarray:
         raise NotImplementedError

@@ -19,6 +19,8 @@ file holds more weights than the HF model; bits/weight is measured against the w
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import json
 import logging
 from collections import Counter
 from pathlib import Path
@@ -244,6 +246,10 @@ def _np_dtype(ort_type: str):
     return {"tensor(float)": np.float32, "tensor(float16)": np.float16}[ort_type]
 
 
+# Bump when calibration_reader's feeds change: shared tensor ranges (shared_ranges) are keyed by it.
+CALIBRATION_FEEDS = "window + second half on the first half's cache, v1"
+
+
 def calibration_reader(model_path: Path, tokenizer_dir: Path, text: Path, n_ctx: int, n_samples: int):
     """An ORT CalibrationDataReader over windows of the calibration text (never the evaluation text).
 
@@ -251,38 +257,94 @@ def calibration_reader(model_path: Path, tokenizer_dir: Path, text: Path, n_ctx:
     sink's massive activations, which only appear as current tokens), and its second half on top of the first
     half's cache, so the past_key_values inputs see real data too. ORT's min/max calibration reduces an empty
     cache to (+inf, -inf), which nanmin/nanmax across feeds ignore; with empty caches alone a fully quantized
-    QNN graph would get NaN zero points for them.
+    QNN graph would get NaN zero points for them. The feeds are made on first use: a quantization that reads
+    its tensor ranges from :func:`shared_ranges` never runs the model for them. ``reader.windows``: the ids.
     """
-    import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader
 
     from bitsweep.text import calibration_windows
 
-    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    inputs = session.get_inputs()
-    past_names = [i.name for i in inputs if i.name.startswith("past_key_values")]
-    present_names = [o.name for o in session.get_outputs() if o.name.startswith("present")]
-    feeds = []
-    for window in calibration_windows(tokenizer_dir, text, n_ctx, n_samples):
-        feeds.append(window_feeds(inputs, window))
-        if not past_names:
-            continue
-        half = len(window) // 2
-        present = session.run(present_names, window_feeds(inputs, window[:half]))
-        feed = {"input_ids": np.asarray(window[half:], np.int64)[None],
-                "attention_mask": np.ones((1, len(window)), np.int64),
-                "position_ids": np.arange(half, len(window), dtype=np.int64)[None],
-                **dict(zip(past_names, present, strict=True))}  # fmt: skip
-        feeds.append({i.name: feed[i.name] for i in inputs})
+    windows = calibration_windows(tokenizer_dir, text, n_ctx, n_samples)
+
+    def make_feeds() -> list[dict[str, np.ndarray]]:
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+        inputs = session.get_inputs()
+        past_names = [i.name for i in inputs if i.name.startswith("past_key_values")]
+        present_names = [o.name for o in session.get_outputs() if o.name.startswith("present")]
+        feeds = []
+        for window in windows:
+            feeds.append(window_feeds(inputs, window))
+            if not past_names:
+                continue
+            half = len(window) // 2
+            present = session.run(present_names, window_feeds(inputs, window[:half]))
+            feed = {"input_ids": np.asarray(window[half:], np.int64)[None],
+                    "attention_mask": np.ones((1, len(window)), np.int64),
+                    "position_ids": np.arange(half, len(window), dtype=np.int64)[None],
+                    **dict(zip(past_names, present, strict=True))}  # fmt: skip
+            feeds.append({i.name: feed[i.name] for i in inputs})
+        return feeds
 
     class WindowReader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.feeds = iter(feeds)
+            self.windows = windows
+            self.feeds = None
 
         def get_next(self):
+            if self.feeds is None:
+                self.feeds = iter(make_feeds())
             return next(self.feeds, None)
 
     return WindowReader()
+
+
+def shared_ranges(request: QuantizeRequest, model_path: Path, config) -> Path:
+    """The file onnxruntime keeps this calibration's tensor ranges in (``quantize_static``'s
+    ``calibration_cache_path``: read when it exists, else calibrated and written, atomically), beside the
+    backend's artifacts and named by everything the ranges depend on.
+
+    Min/max ranges are a function of the graph calibrated, the feeds, the op types whose tensors are calibrated,
+    the calibrator's options and onnxruntime's release, not of the types a variant quantizes to: QNN's variants
+    of one model share them and calibrate once (on SmolLM2 each QNN variant spent 35 s of its ~105 s making the
+    feeds and calibrating). onnxruntime calibrates the graph it is given unless it must raise the opset for the
+    types asked for, which never happens to a graph at opset 21 (QNN converts to it first).
+    """
+    import onnxruntime
+
+    from bitsweep.manifest import sha256_file
+
+    model_files = [model_path, model_path.with_name(model_path.name + ".data")]
+    windows = np.ascontiguousarray(config.calibration_data_reader.windows)
+    key = {
+        "model": [sha256_file(path) for path in model_files if path.is_file()],
+        "windows": hashlib.sha256(windows.tobytes()).hexdigest(),
+        "windows_shape": list(windows.shape),
+        "feeds": CALIBRATION_FEEDS,
+        "method": config.calibrate_method.name,
+        "op_types": sorted(config.op_types_to_quantize),
+        "options": {k: v for k, v in sorted(config.extra_options.items()) if k.startswith("Calib")},
+        "onnxruntime": onnxruntime.__version__,
+    }
+    name = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return request.out.parent / ".calibration" / f"{request.scheme.backend}-{name}.json"
+
+
+def quantize_with_config(model_in: Path, model_out: Path, config, ranges: Path | None = None) -> None:
+    """``onnxruntime.quantization.quantize`` of a StaticQuantConfig, argument for argument, plus the tensor
+    ranges file (:func:`shared_ranges`) that ``quantize`` does not pass on."""
+    from onnxruntime.quantization import quantize_static
+
+    quantize_static(
+        model_in, model_out, config.calibration_data_reader, calibrate_method=config.calibrate_method,
+        quant_format=config.quant_format, activation_type=config.activation_type, weight_type=config.weight_type,
+        op_types_to_quantize=config.op_types_to_quantize, nodes_to_quantize=config.nodes_to_quantize,
+        nodes_to_exclude=config.nodes_to_exclude, per_channel=config.per_channel, reduce_range=config.reduce_range,
+        use_external_data_format=config.use_external_data_format,
+        calibration_providers=config.calibration_providers, extra_options=config.extra_options,
+        calibration_cache_path=ranges,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -66,6 +66,9 @@ MLX = FormatInfo(
     runner="bitsweep.backends.mlx.runner:Runner",
     # fp32 torch weights and their MLX arrays
     convert_footprint=Footprint(700, 10.0),
+    # MLX 0.32's CPU backend computes on one core (runner.Runner): its 512-token fp32 window took 80 s of the
+    # conversion check on SmolLM2 with a second core held idle
+    runner_threads=1,
 )
 
 

@@ -24,7 +24,9 @@ from bitsweep.backends.onnx_family import (
     calibration_for,
     matching_nodes,
     prepared_source,
+    quantize_with_config,
     save_model,
+    shared_ranges,
 )
 from bitsweep.backends.ort_linear import linear_quantization
 
@@ -44,7 +46,7 @@ class Quantizer(OnnxQuantizer):
     def apply(self, request: QuantizeRequest) -> Applied:
         import onnx
         from onnx import version_converter
-        from onnxruntime.quantization import CalibrationMethod, QuantType, quantize
+        from onnxruntime.quantization import CalibrationMethod, QuantType
         from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
 
         options = request.scheme.options
@@ -69,11 +71,14 @@ class Quantizer(OnnxQuantizer):
             activation_type=QuantType[activation_type], weight_type=QuantType[weight_type],
             per_channel=bool(options.get("per_channel", True)), nodes_to_exclude=float_nodes,
         )  # fmt: skip
+        ranges = shared_ranges(request, preprocessed, config)
+        calibrated = not ranges.is_file()
         with linear_quantization():
-            quantize(preprocessed, request.out / MODEL_ONNX, config)
+            quantize_with_config(preprocessed, request.out / MODEL_ONNX, config, ranges)
         preprocessed.unlink(missing_ok=True)
         extra = {"weight_type": weight_type, "activation_type": activation_type, "float_nodes": float_nodes,
-                 "finite_mask_constants": replaced}  # fmt: skip
+                 "finite_mask_constants": replaced, "tensor_ranges": ranges.name,
+                 "tensor_ranges_from": "calibrated here" if calibrated else "an earlier variant's calibration"}  # fmt: skip
         return self.finish(request, fmt, extra)
 
 
