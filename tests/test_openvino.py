@@ -80,6 +80,21 @@ def test_kl_divergence_orders_int8_below_int4(tiny_ir, tmp_path):
     assert 0 < kld["int8"] < kld["int4"]
 
 
+def test_prompts_decoded_as_a_batch_continue_as_one_at_a_time(tiny_ir, tmp_path):
+    # The greedy continuations (a quality column) decode all prompts as one batch.
+    prompts = np.stack([IDS[i : i + 12] for i in range(0, 40, 5)])
+    int4 = compress(tiny_ir, tmp_path, "int4", 4, mode="INT4_ASYM", group_size=64, ratio=1.0)
+    for path in (tiny_ir, int4.path):
+        runner = OpenVINORunner(path, threads=2)
+        try:
+            batched = runner.greedy_many(prompts, 10)
+            assert batched.shape == (8, 10) and np.array_equal(
+                batched, np.stack([runner.greedy(p, 10) for p in prompts])
+            )
+        finally:
+            runner.close()
+
+
 def test_prompts_run_the_head_on_their_last_position_only(tiny_ir):
     """As OpenVINO GenAI's pipeline: the runner's graph slices the LM head's input at ``logits_from``, so a prompt
     makes one row of logits (the same, to float32 rounding); scored windows still get every position, to the bit of the

@@ -72,12 +72,15 @@ def slice_before_head(model):
 
 
 def stateful_inputs(ids: np.ndarray, past: int = 0) -> dict[str, np.ndarray]:
-    n = len(ids)
+    """Feeds for ``ids`` ((n,) or a batch of equal-length sequences (batch, n)) after ``past`` cached positions;
+    ``beam_idx`` keeps each sequence's cache in its own row of the state."""
+    ids = np.atleast_2d(np.asarray(ids, dtype=np.int64))
+    batch, n = ids.shape
     return {
-        "input_ids": np.asarray(ids, dtype=np.int64)[None],
-        "attention_mask": np.ones((1, past + n), dtype=np.int64),
-        "position_ids": np.arange(past, past + n, dtype=np.int64)[None],
-        "beam_idx": np.zeros(1, dtype=np.int32),
+        "input_ids": ids,
+        "attention_mask": np.ones((batch, past + n), dtype=np.int64),
+        "position_ids": np.broadcast_to(np.arange(past, past + n, dtype=np.int64), (batch, n)).copy(),
+        "beam_idx": np.arange(batch, dtype=np.int32),
     }
 
 
@@ -89,11 +92,12 @@ class Runner(BaseRunner):
         self.past = 0
 
     def _infer(self, ids: np.ndarray, past: int, logits_from: int) -> np.ndarray:
-        """``ids`` after ``past`` cached positions: logits [len(ids) - logits_from, V] of the positions from
-        ``logits_from`` on (the head runs on those only), a view of the request's output tensor (valid until
-        its next inference: callers that keep it copy)."""
+        """``ids`` ((n,) or (batch, n)) after ``past`` cached positions: logits [batch, n - logits_from, V] of the
+        positions from ``logits_from`` on (the head runs on those only; [n - logits_from, V] for one sequence), a
+        view of the request's output tensor (valid until its next inference: callers that keep it copy)."""
         feeds = stateful_inputs(ids, past) | {LOGITS_FROM: np.array([logits_from], np.int64)}
-        return self.request.infer(feeds, share_outputs=True)["logits"][0]
+        logits = self.request.infer(feeds, share_outputs=True)["logits"]
+        return logits if np.ndim(ids) == 2 else logits[0]
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
         return np.array(self.window_logits(ids), dtype=np.float32)
@@ -113,6 +117,21 @@ class Runner(BaseRunner):
         out = self._infer(np.array([token]), self.past, 0)[-1].copy()
         self.past += 1
         return out
+
+    def greedy_many(self, prompts: np.ndarray, n_new: int) -> np.ndarray:
+        """The prompts decoded as one batch, each sequence's cache a row of the state: the same tokens as one
+        prompt at a time (all 19 OpenVINO variants of the default sweep, 8 prompts x 32 tokens, measured;
+        tests/test_openvino.py) in a third to a quarter of the time (the plugin's f32 kernels, dynamic
+        quantization pinned off, compute each row alone)."""
+        self.check_length(np.empty(prompts.shape[1] + n_new))
+        self.request.reset_state()
+        logits = self._infer(prompts, 0, prompts.shape[1] - 1)
+        tokens = np.empty((len(prompts), n_new), np.int64)
+        for i in range(n_new):
+            tokens[:, i] = np.argmax(logits[:, -1], axis=-1)
+            if i + 1 < n_new:
+                logits = self._infer(tokens[:, i : i + 1], prompts.shape[1] + i, 0)
+        return tokens.astype(np.int32)
 
     def scoring_info(self) -> dict[str, str | float]:
         """The pinned plugin settings as the compiled model reports them."""
