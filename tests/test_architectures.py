@@ -153,6 +153,21 @@ def test_tokenizers_library_reads_and_writes_text_as_transformers_does(arch, tmp
     assert decoded == tokenizer.decode(ids, clean_up_tokenization_spaces=False)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_torch_decodes_a_batch_of_prompts_as_one_at_a_time(arch, tmp_path):
+    """The greedy continuations (a quality column) of the reference, the bitnet and the MLX-dequantized models are
+    decoded as one batch through transformers' forward: the same tokens as one prompt at a time (Gemma's
+    sliding window of 32 passed on the way)."""
+    from bitsweep.backends.torch_ref import TorchRunner
+
+    ids = np.random.default_rng(3).integers(3, 250, 160)
+    prompts = np.stack([ids[i : i + 30] for i in range(0, 120, 30)])
+    with TorchRunner(make_tiny_model(arch, tmp_path / arch), 2) as runner:
+        batched = runner.greedy_many(prompts, 12)
+        assert batched.shape == (4, 12)
+        assert np.array_equal(batched, np.stack([runner.greedy(p, 12) for p in prompts]))
+
+
 @pytest.mark.slow
 def test_bitnet_weights_are_fixed_points_of_absmean_ternarisation(tmp_path):
     from safetensors.numpy import load_file

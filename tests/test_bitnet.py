@@ -305,6 +305,8 @@ def test_fused_decoding_follows_the_transformers_path(
     assert np.sum(diff > 1e-5) <= 1 and diff.max() < 0.02, diff
     assert np.array_equal(steps["fused"].argmax(1), steps["plain"].argmax(1))
     assert np.array_equal(fused.greedy(ids[:40], 6), plain.greedy(ids[:40], 6))
+    prompts = np.stack([ids[:40], ids[40:80], ids[80:120]])  # decoded as one batch: the same tokens
+    assert np.array_equal(fused.greedy_many(prompts, 6), np.stack([plain.greedy(p, 6) for p in prompts]))
     prompt_s, gen_s = fused.generate(ids[:40], 6)
     assert prompt_s > 0 and gen_s > 0
 

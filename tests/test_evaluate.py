@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from bitsweep.backends.base import BaseRunner
 from bitsweep.backends.torch_ref import TorchRunner
 from bitsweep.config import EvalConfig
 from bitsweep.errors import ComparabilityError
@@ -94,6 +95,9 @@ class Shifted(TorchRunner):
         if self.steps % 3 == 0:
             logits[np.argmax(logits)] = -np.inf
         return logits
+
+    def greedy_many(self, prompts, n_new):  # one prompt at a time, through the shifted steps
+        return BaseRunner.greedy_many(self, prompts, n_new)
 
 
 def test_the_timed_prefill_runs_the_head_on_the_last_position_only(tiny_model_dir):

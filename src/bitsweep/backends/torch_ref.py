@@ -72,6 +72,22 @@ class TorchRunner(BaseRunner):
     def _prefill(self, prompt: np.ndarray) -> np.ndarray:
         return self._forward(prompt, None)
 
+    def greedy_many(self, prompts: np.ndarray, n_new: int) -> np.ndarray:
+        """The prompts decoded as one batch through transformers' forward and its KV cache (equal lengths: no
+        padding, no mask). The same tokens as one prompt at a time on the default sweep's reference and its 7
+        bitnet and 5 MLX variants (8 prompts x 32 tokens, measured) and on every architecture's tiny model
+        (tests/test_architectures.py), 3-6x faster: 19 s -> 3-5 s for SmolLM2's reference."""
+        torch = self.torch
+        self.check_length(np.empty(prompts.shape[1] + n_new))
+        tokens = np.empty((len(prompts), n_new), np.int64)
+        ids, past = torch.as_tensor(np.asarray(prompts), dtype=torch.long), None
+        with torch.inference_mode():
+            for i in range(n_new):
+                out = self.model(ids, past_key_values=past, use_cache=True, **self._last_position_only())
+                tokens[:, i] = np.argmax(out.logits[:, -1].float().numpy(), axis=-1)
+                past, ids = out.past_key_values, torch.as_tensor(tokens[:, i : i + 1])
+        return tokens.astype(np.int32)
+
     def _step(self, token: int) -> np.ndarray:
         return self._forward(np.array([token]), self.past)
 

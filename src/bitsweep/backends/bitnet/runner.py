@@ -264,7 +264,8 @@ class Runner(TorchRunner):
 
     def greedy(self, prompt: np.ndarray, n_new: int) -> np.ndarray:
         """The untimed continuations (a quality column) come from transformers' forward, as the scored logits do:
-        its float parts are pinned to one code path on every host (INFO.evaluate_env), the decoder's are not."""
+        its float parts are pinned to one code path on every host (INFO.evaluate_env), the decoder's are not.
+        (``greedy_many``, TorchRunner's batch, runs transformers' forward too.)"""
         decoder, self.decoder = self.decoder, None
         try:
             return super().greedy(prompt, n_new)

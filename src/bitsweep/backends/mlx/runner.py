@@ -107,6 +107,11 @@ class Runner(BaseRunner):
             return super().greedy(prompt, n_new)
         return self.scorer.greedy(prompt, n_new)
 
+    def greedy_many(self, prompts: np.ndarray, n_new: int) -> np.ndarray:
+        if self.scoring == "native":
+            return super().greedy_many(prompts, n_new)
+        return self.scorer.greedy_many(prompts, n_new)
+
     def scoring_info(self) -> dict[str, str | float]:
         if self.scoring == "native":
             return {"scoring": "mlx"}
