@@ -231,6 +231,15 @@ def _bad_inputs(tmp_path, monkeypatch):
     monkeypatch.delenv("QAIHUB_API_TOKEN", raising=False)
     monkeypatch.setenv("QAIHUB_CLIENT_INI", str(tmp_path / "no-client.ini"))
     smoke = load_experiment(CONFIGS, "smoke")
+
+    def preflight_with(name: str, value: str):
+        def call():
+            with monkeypatch.context() as env:
+                env.setenv(name, value)
+                check_before_run(smoke, tmp_path / "ok")
+
+        return call
+
     return [
         ("unknown backend", lambda: load_experiment(CONFIGS, "smoke", ["+sweep.tensorrt=[int8]"]),
          "unknown backend 'tensorrt'; known: bitnet, llamacpp, mlx, olive, onnxruntime, openvino, qnn"),
@@ -254,16 +263,21 @@ def _bad_inputs(tmp_path, monkeypatch):
         ("AI Hub with no token", lambda: check_before_run(load_experiment(CONFIGS, "smoke", ["+backends.qnn.aihub.enabled=true"]),
                                                           tmp_path / "ok"),
          "Qualcomm AI Hub is enabled but no API token is configured: set \\$QAIHUB_API_TOKEN"),
+        ("a kernel instruction set typo", preflight_with("BITSWEEP_KERNEL_ISA", "avx512"),
+         "BITSWEEP_KERNEL_ISA='avx512': known: auto, avx512vnni, avx512bw, avxvnni, avx2, portable"),
+        ("a prefetch policy typo", preflight_with("BITSWEEP_KERNEL_PREFETCH", "4k"),
+         "BITSWEEP_KERNEL_PREFETCH='4k': 0, 1 \\(this host's default\\) or BYTES:L1 / BYTES:L2"),
+        ("a huge pages typo", preflight_with("BITSWEEP_HUGE_PAGES", "yes"), "BITSWEEP_HUGE_PAGES='yes': 0 or 1"),
         ("a group size MLX lacks", lambda: load_experiment(CONFIGS, "smoke", ["+quant.mlx.mxfp4.options.group_size=64"]),
          "mode MXFP4 takes group_size 32; config says 64"),
     ]  # fmt: skip
 
 
-def test_ten_kinds_of_bad_input_each_give_one_clear_line(tmp_path, monkeypatch):
+def test_thirteen_kinds_of_bad_input_each_give_one_clear_line(tmp_path, monkeypatch):
     """Every kind fails with one line naming what is wrong (and what is known) before any job could start.
     Corrupt GGUF files are a run-time fault of that job alone: tests/test_llamacpp.py."""
     cases = _bad_inputs(tmp_path, monkeypatch)
-    assert len(cases) >= 10
+    assert len(cases) >= 13
     for what, call, message in cases:
         with pytest.raises(ConfigError) as err:
             call()

@@ -15,6 +15,15 @@ BITNET_FORMATS: dict[str, int] = {"TQ2_0": 2, "TQ1_0": 1, "BINARY": 1, "INT2": 2
 
 
 class BitnetInfo(BackendInfo):
+    def preflight(self, settings: BackendSettings) -> None:
+        """The kernels' environment overrides ($BITSWEEP_KERNEL_ISA, $BITSWEEP_KERNEL_PREFETCH,
+        $BITSWEEP_HUGE_PAGES) read as the jobs will read them: a typo stops the workflow before any job runs."""
+        from bitsweep.kernels import host, memory
+
+        host.requested_isa()
+        host.software_prefetch()
+        memory.huge_pages_wanted()
+
     def check_options(self, where: str, options: dict[str, Any]) -> None:
         """The scheme's options as the quantizer reads them (activation mode, head format, ...), at config time."""
         from bitsweep.backends.bitnet.quantize import scheme_settings
