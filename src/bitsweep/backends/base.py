@@ -410,8 +410,26 @@ class BaseRunner:
 
     def greedy_many(self, prompts: np.ndarray, n_new: int) -> np.ndarray:
         """(prompts, ``n_new``) greedy continuations of equal-length prompts (untimed): one at a time unless a
-        runner decodes them as a batch."""
+        runner decodes them as a batch (:meth:`greedy_batch`)."""
         return np.stack([self.greedy(p, n_new) for p in prompts])
+
+    def greedy_batch(
+        self,
+        prompts: np.ndarray,
+        n_new: int,
+        prefill: Callable[[np.ndarray], np.ndarray],
+        step: Callable[[np.ndarray, int], np.ndarray],
+    ) -> np.ndarray:
+        """:meth:`greedy_many` as one batch: ``prefill(prompts)`` and ``step(tokens, past)`` (tokens: (batch, 1),
+        on top of ``past`` cached positions) return each sequence's next-token logits, (batch, V)."""
+        self.check_length(np.empty(prompts.shape[1] + n_new))
+        logits = prefill(prompts)
+        tokens = np.empty((len(prompts), n_new), np.int64)
+        for i in range(n_new):
+            tokens[:, i] = np.argmax(logits, axis=-1)
+            if i + 1 < n_new:
+                logits = step(tokens[:, i : i + 1], prompts.shape[1] + i)
+        return tokens.astype(np.int32)
 
     def generate(self, prompt: np.ndarray, n_new: int) -> tuple[float, float]:
         """Greedy-generate ``n_new`` tokens after ``prompt``; return (prompt seconds, generation seconds)."""

@@ -51,14 +51,15 @@ class TorchRunner(BaseRunner):
         return out.logits[0].float().numpy()
 
     def _forward(self, ids: np.ndarray, past) -> np.ndarray:
-        """The next token's logits: the LM head runs on the last position only, as a deployment's prefill does
-        (and llama-bench's), not on every prompt position."""
+        """The next token's logits ((V,); (batch, V) for ids (batch, n)): the LM head runs on the last position
+        only, as a deployment's prefill does (and llama-bench's), not on every prompt position."""
         torch = self.torch
         with torch.inference_mode():
-            out = self.model(torch.as_tensor(np.asarray(ids)[None], dtype=torch.long), past_key_values=past,
+            out = self.model(torch.as_tensor(np.atleast_2d(ids), dtype=torch.long), past_key_values=past,
                              use_cache=True, **self._last_position_only())  # fmt: skip
         self.past = out.past_key_values
-        return out.logits[0, -1].float().numpy()
+        logits = out.logits[:, -1].float().numpy()
+        return logits if np.ndim(ids) == 2 else logits[0]
 
     def _last_position_only(self) -> dict[str, int]:
         """transformers' ``logits_to_keep=1`` where the architecture's forward takes it (remote code may not)."""
@@ -77,16 +78,8 @@ class TorchRunner(BaseRunner):
         padding, no mask). The same tokens as one prompt at a time on the default sweep's reference and its 7
         bitnet and 5 MLX variants (8 prompts x 32 tokens, measured) and on every architecture's tiny model
         (tests/test_architectures.py), 3-6x faster: 19 s -> 3-5 s for SmolLM2's reference."""
-        torch = self.torch
-        self.check_length(np.empty(prompts.shape[1] + n_new))
-        tokens = np.empty((len(prompts), n_new), np.int64)
-        ids, past = torch.as_tensor(np.asarray(prompts), dtype=torch.long), None
-        with torch.inference_mode():
-            for i in range(n_new):
-                out = self.model(ids, past_key_values=past, use_cache=True, **self._last_position_only())
-                tokens[:, i] = np.argmax(out.logits[:, -1].float().numpy(), axis=-1)
-                past, ids = out.past_key_values, torch.as_tensor(tokens[:, i : i + 1])
-        return tokens.astype(np.int32)
+        return self.greedy_batch(prompts, n_new, lambda batch: self._forward(batch, None),
+                                 lambda tokens, _past: self._forward(tokens, self.past))  # fmt: skip
 
     def _step(self, token: int) -> np.ndarray:
         return self._forward(np.array([token]), self.past)

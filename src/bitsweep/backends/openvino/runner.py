@@ -123,15 +123,9 @@ class Runner(BaseRunner):
         prompt at a time (all 19 OpenVINO variants of the default sweep, 8 prompts x 32 tokens, measured;
         tests/test_openvino.py) in a third to a quarter of the time (the plugin's f32 kernels, dynamic
         quantization pinned off, compute each row alone)."""
-        self.check_length(np.empty(prompts.shape[1] + n_new))
         self.request.reset_state()
-        logits = self._infer(prompts, 0, prompts.shape[1] - 1)
-        tokens = np.empty((len(prompts), n_new), np.int64)
-        for i in range(n_new):
-            tokens[:, i] = np.argmax(logits[:, -1], axis=-1)
-            if i + 1 < n_new:
-                logits = self._infer(tokens[:, i : i + 1], prompts.shape[1] + i, 0)
-        return tokens.astype(np.int32)
+        return self.greedy_batch(prompts, n_new, lambda batch: self._infer(batch, 0, batch.shape[1] - 1)[:, -1],
+                                 lambda tokens, past: self._infer(tokens, past, 0)[:, -1])  # fmt: skip
 
     def scoring_info(self) -> dict[str, str | float]:
         """The pinned plugin settings as the compiled model reports them."""
