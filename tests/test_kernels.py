@@ -327,11 +327,11 @@ def test_simd_paths_compile_to_their_instructions(path, tmp_path):
 
         @njit
         def groups(kern, qs, i, planes, sums):
-            simd.group_sums4(kern, qs, i, planes, 0, 96, sums, 0)  # int3: 64 + 32 bytes
+            simd.group_sums4(kern, qs, i, planes, 0, 96, sums, 0, 0)  # int3: 64 + 32 bytes
 
         @njit
         def batched(kern, qs, i, planes, sums):
-            simd.group_sums4(kern, qs, i, planes, 0, 64, sums, 0)
+            simd.group_sums4(kern, qs, i, planes, 0, 64, sums, 0, 0)
 
         cases = []
         for kind in ("2", "t", "1", "4", "3"):
@@ -348,6 +348,9 @@ def test_simd_paths_compile_to_their_instructions(path, tmp_path):
         args = (simd.KernType({path!r}, "2", 0, (16384, 2)), types.uint8[:, ::1], types.intp, types.int8[:, :, ::1])
         row.compile(args)
         print("@@ prefetch", row.inspect_asm(row.signatures[-1]).count("prefetcht1"))
+        # TQ1_0's multiples of three as byte adds (inline assembly, simd._times3), not LLVM's byte multiplies
+        args = (simd.KernType({path!r}, "t"), types.uint8[:, ::1], types.intp, types.int8[:, :, ::1])
+        print("@@ trit_adds", row.inspect_asm(args).count("#APP"))
     """)
     env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES=features, NUMBA_CACHE_DIR=str(tmp_path))
     env.pop(simd.ENV, None)
@@ -356,8 +359,9 @@ def test_simd_paths_compile_to_their_instructions(path, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line.split() for line in done.stdout.splitlines() if line.startswith("@@")]
-    assert len(lines) == 13 and lines[-1][1] == "prefetch" and int(lines[-1][2]) > 0, lines[-1]
-    for _, kind, count, wide in lines[:-1]:
+    assert len(lines) == 14 and [line[1] for line in lines[-2:]] == ["prefetch", "trit_adds"], lines[-2:]
+    assert int(lines[-2][2]) > 0 and int(lines[-1][2]) >= 5, lines[-2:]
+    for _, kind, count, wide in lines[:-2]:
         assert int(count) > 0 and wide == "True", (path, kind, count, wide)
 
 
@@ -470,9 +474,12 @@ def test_weights_moved_to_huge_pages_give_the_same_bits(monkeypatch):
 def test_group_batches_give_the_same_bits_as_one_span_per_group():
     """Rows long enough for the batched group sums (two full-width batches, a batch of each narrower width and a
     remainder, on every path here), for every format with per-group scales whose groups qualify: the reference's
-    bits, batched or not, for one token (GEMV) and for batches of four tokens and a remainder (GEMM)."""
+    bits, batched or not, for one token (GEMV) and for batches of four tokens and a remainder (GEMM). 21 rows: a
+    task of 16 and one of 5, so on AVX-512 the full batches' row blocks (simd.transpose_blocks) are square in one
+    task and partial in the other."""
     previous = fast.current_isa()
     rng = np.random.default_rng(12)
+    row_blocks = set()
     try:
         for path in [p for p in simd.available_isas() if p != "portable"]:
             fast.set_isa(path)
@@ -481,6 +488,8 @@ def test_group_batches_give_the_same_bits_as_one_span_per_group():
                 bpg = fmt.bytes_per_group(fmt.default_group)
                 if not simd.batched_groups(path, simd.KIND[fmt.fmt_id], bpg):
                     continue
+                if simd.row_blocks(path, simd.KIND[fmt.fmt_id], bpg):
+                    row_blocks.add((path, name))
                 # two batches of the widest vectors, one of each narrower width, then three groups alone
                 widths = simd.batch_widths(path, bpg)
                 n_groups = 2 * simd.batch_lanes(widths[0]) + sum(map(simd.batch_lanes, widths[1:])) + 3
@@ -497,6 +506,8 @@ def test_group_batches_give_the_same_bits_as_one_span_per_group():
     finally:
         fast.set_group_batches(True)
         fast.set_isa(previous)
+    if {"avx512vnni", "avx512bw"} & set(simd.available_isas()):  # 16 groups per batch: row blocks
+        assert {"binary", "int2", "int4", "tq2_0"} <= {name for _, name in row_blocks}, row_blocks
 
 
 @pytest.mark.llamacpp

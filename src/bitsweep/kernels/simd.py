@@ -73,6 +73,7 @@ VNNI = {"avx512vnni", "avxvnni"}
 # LLVM IR of one span: sum over bytes b in [o, e) of a row and over planes t of code_t(row[b]) * planes[n, t, b]
 
 I8, I16, I32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+llvm.initialize_native_asmparser()  # inline assembly (:func:`_times3`); numba sets up only the printer
 # LLVM 22 declares vpdpbusd's byte operands as <N x i8>; before that, as <N/4 x i32>.
 _DPBUSD_BYTES = llvm.llvm_version_info[0] >= 22
 
@@ -117,7 +118,7 @@ def _decode(builder, v, kind):
     out, m = [], v
     for t in range(5):
         if t:
-            m = builder.add(builder.add(m, m), m)  # times 3, wrapping mod 256 as the format wants
+            m = _times3(builder, m)  # wrapping mod 256 as the format wants
         ge1 = builder.zext(builder.icmp_unsigned(">=", m, _splat(ty, 86)), ty)
         ge2 = builder.zext(builder.icmp_unsigned(">=", m, _splat(ty, 171)), ty)
         out.append(builder.add(ge1, ge2))
@@ -137,9 +138,21 @@ def _trit_multiples(builder, v):
     two compares, two mask-to-vector moves and an add: on the Zen 4 host multiply-adds are the cheaper half."""
     out = [v]
     for _ in range(5):
-        m = out[-1]
-        out.append(builder.add(builder.add(m, m), m))
+        out.append(_times3(builder, out[-1]))
     return out
+
+
+def _times3(builder, m):
+    """``3 m`` mod 256 of bytes ``m``: two byte adds. For vectors as inline assembly, which LLVM cannot fold:
+    it turns ``(m + m) + m`` into a byte multiply, and the chain of them into multiplies by 9, 27, 81, 243, each
+    lowered to ``vpmaddubsw`` + ``vpmullw`` + ``vpermt2b`` (x86 has no byte multiply): 13 vector operations for
+    the five multiples instead of 10, as many as the span's ten ``vpdpbusd`` on the Zen 4 host, whose vector
+    pipes both share."""
+    if not isinstance(m.type, ir.VectorType):
+        return builder.add(builder.add(m, m), m)
+    # AT&T operand order: $0 = $1 + $1, then $0 = $0 + $1 ($0 early-clobbered: written before $1 is last read)
+    asm = ir.InlineAsm(ir.FunctionType(m.type, [m.type]), "vpaddb $1, $1, $0\n\tvpaddb $1, $0, $0", "=&v,v")
+    return builder.call(asm, [m])
 
 
 def _declare(builder, name, ret, args):
@@ -299,23 +312,35 @@ def _emit_trit_span(builder, isa, rowp, plane_ptrs, o, e, n_chunks, ahead, level
     """A one-token TQ1_0 span on VNNI through :func:`_trit_multiples`' identity: per chunk, ``A += m_t . x_t`` and
     ``B += m_{t+1} . x_t`` for the five digits (two chains each: one would wait on vpdpbusd's latency), then each
     lane's ``(3A - B) >> 8``; the bytes after the last full vector as :func:`_emit_tail` does."""
-    width = WIDTH[isa]
+    width, digits = WIDTH[isa], PLANES["t"]
     v8, v32 = ir.VectorType(I8, width), ir.VectorType(I32, width // 4)
-    accs = [cgutils.alloca_once_value(builder, ir.Constant(v32, None)) for _ in range(4)]  # A0, A1, B0, B1
+    # A_t and B_t of each digit in a chain of its own: ten vpdpbusd per chunk, one per chain, none waiting on
+    # another's latency (with two chains each for A and B, one had three per chunk: 15 cycles of latency for 10 of
+    # throughput; the 4096^2 GEMV cache-resident 3% slower on the Zen 4 host)
+    accs = [cgutils.alloca_once_value(builder, ir.Constant(v32, None)) for _ in range(2 * digits)]
     with cgutils.for_range(builder, n_chunks) as loop:
         at = builder.add(o, builder.mul(loop.index, ir.Constant(o.type, width)))
         if ahead:
             _prefetch(builder, builder.gep(rowp, [builder.add(at, ir.Constant(o.type, ahead))]), level)
         ms = _trit_multiples(builder, _load(builder, rowp, at, v8))
-        for t in range(PLANES["t"]):
+        for t in range(digits):
             x = _load(builder, plane_ptrs[0][t], at, v8)
-            for acc, m in ((accs[t % 2], ms[t]), (accs[2 + t % 2], ms[t + 1])):
+            for acc, m in ((accs[t], ms[t]), (accs[digits + t], ms[t + 1])):
                 builder.store(_dpbusd(builder, builder.load(acc), m, x), acc)
-    a = builder.add(builder.load(accs[0]), builder.load(accs[1]))
-    b = builder.add(builder.load(accs[2]), builder.load(accs[3]))
+    a, b = (
+        _tree_sum(builder, [builder.load(acc) for acc in part]) for part in (accs[:digits], accs[digits:])
+    )
     lanes = builder.ashr(builder.sub(builder.mul(a, _splat(v32, 3)), b), _splat(v32, 8))
     builder.store(lanes, accs[0])
     return _emit_tail(builder, isa, "t", rowp, plane_ptrs, o, e, [accs[0]], n_chunks, products)
+
+
+def _tree_sum(builder, values):
+    """The (wrapping, so any order gives the same bits) sum of ``values`` as a balanced tree of adds."""
+    while len(values) > 1:
+        values = [builder.add(*values[i : i + 2]) if i + 1 < len(values) else values[i]
+                  for i in range(0, len(values), 2)]  # fmt: skip
+    return values[0]
 
 
 def _fold(builder, lanes):
@@ -406,12 +431,13 @@ def sliced_order(isa: str, bpg: int, n_groups: int) -> np.ndarray:
 
 
 def _emit_group_batches(
-    builder, isa, kind, bpg, w, rowp, plane_ptrs, first, n_groups, store, prefetch=NO_PREFETCH
+    builder, isa, kind, bpg, w, rowp, plane_ptrs, first, n_groups, store, store_batch, prefetch
 ):
     """Group sums of one row from group ``first`` on, ``lanes = w / 4`` groups at a time, in the sliced byte
     order of :func:`sliced_order`: a batch is ``bpg / 4`` vectors of ``w`` bytes whose products, summed, hold
-    group ``j`` of the batch in int32 lane ``j``. Integer sums, so the same values as one span per group. Returns
-    the index of the first group not done (whole batches only: a partial batch would cost a whole one)."""
+    group ``j`` of the batch in int32 lane ``j``. Integer sums, so the same values as one span per group. Each
+    token's batch goes to ``store_batch(n, g0, vector)`` where given, else lane by lane to ``store(n, g, sum)``.
+    Returns the index of the first group not done (whole batches only: a partial batch would cost a whole one)."""
     ntok, intp = len(plane_ptrs), n_groups.type
     lanes, slices = batch_lanes(w), bpg // 4
     v8, v16, v32 = ir.VectorType(I8, w), ir.VectorType(I16, w // 2), ir.VectorType(I32, lanes)
@@ -446,6 +472,9 @@ def _emit_group_batches(
             total = accs[n][0]
             for acc in accs[n][1:]:
                 total = builder.add(total, acc)
+            if store_batch is not None:
+                store_batch(n, g0, total)
+                continue
             for j in range(lanes):
                 store(n, builder.add(g0, const(j)), builder.extract_element(total, ir.Constant(I32, j)))
 
@@ -533,21 +562,23 @@ def _plane_pointers(builder, pla, tok, n_planes, ntok):
 
 def _make_group_sums(ntok: int):
     @intrinsic
-    def group_sums(typingctx, kern, qs, i, planes, tok, bpg, sums, col):
-        """For every group g of row ``i`` of ``qs`` (``bpg`` bytes each) and token n of tok..tok+ntok-1: the int32
-        sum of code times activation, stored in ``sums[n, g, col]`` (int32 3-D). Nothing returned. Where the
+    def group_sums(typingctx, kern, qs, i, planes, tok, bpg, sums, slot, col):
+        """For every group g of row ``i`` of ``qs`` (``bpg`` bytes each) and token tok + n, n < ntok: the int32
+        sum of code times activation, stored in ``sums[slot + n, g, col]`` (int32 3-D). Nothing returned. Where the
         kernel's compile-time group size allows it (:func:`batched_groups`), groups are summed a batch at a time
         (:func:`_emit_group_batches`), else one span per group."""
         if not isinstance(kern, KernType) or not isinstance(sums, types.Array) or sums.ndim != 3:
             return None
-        sig = types.none(kern, qs, i, planes, tok, bpg, sums, col)
+        if sums.layout != "C":
+            return None
+        sig = types.none(kern, qs, i, planes, tok, bpg, sums, slot, col)
 
         def codegen(context, builder, sig, args):
             qa = context.make_array(sig.args[1])(context, builder, args[1])
             pla = context.make_array(sig.args[3])(context, builder, args[3])
             sa = context.make_array(sig.args[6])(context, builder, args[6])
-            i_, tok_, bpg_, col_ = (
-                context.cast(builder, args[k], sig.args[k], types.intp) for k in (2, 4, 5, 7)
+            i_, tok_, bpg_, slot_, col_ = (
+                context.cast(builder, args[k], sig.args[k], types.intp) for k in (2, 4, 5, 7, 8)
             )
             q0, _ = cgutils.unpack_tuple(builder, qa.strides, 2)
             kind = sig.args[0].kind
@@ -558,9 +589,15 @@ def _make_group_sums(ntok: int):
             sbase = builder.bitcast(sa.data, I8.as_pointer())
 
             def store(n, g, s):
-                off = builder.add(builder.add(builder.mul(builder.add(tok_, ir.Constant(tok_.type, n)), t0),
+                off = builder.add(builder.add(builder.mul(builder.add(slot_, ir.Constant(slot_.type, n)), t0),
                                               builder.mul(g, t1)), builder.mul(col_, t2))  # fmt: skip
                 builder.store(s, builder.bitcast(builder.gep(sbase, [off]), I32.as_pointer()))
+
+            def store_batch(n, g0, v):
+                """Row ``col``'s sums of groups g0..g0+15 as one vector: ``sums[slot + n, g0 + col, :]``."""
+                off = builder.add(builder.mul(builder.add(slot_, ir.Constant(slot_.type, n)), t0),
+                                  builder.mul(builder.add(g0, col_), t1))  # fmt: skip
+                builder.store(v, builder.bitcast(builder.gep(sbase, [off]), v.type.as_pointer()), align=4)
 
             isa, bpg, prefetch = sig.args[0].isa, sig.args[0].bpg, sig.args[0].prefetch
 
@@ -578,9 +615,9 @@ def _make_group_sums(ntok: int):
             done = ir.Constant(n_groups.type, 0)
             if batched_groups(isa, kind, bpg):
                 for w in batch_widths(isa, bpg):
-                    done = _emit_group_batches(
-                        builder, isa, kind, bpg, w, rowp, ptrs, done, n_groups, store, prefetch
-                    )
+                    whole = row_blocks(isa, kind, bpg) and batch_lanes(w) == ROWS_PER_TASK
+                    done = _emit_group_batches(builder, isa, kind, bpg, w, rowp, ptrs, done, n_groups, store,
+                                               store_batch if whole else None, prefetch)  # fmt: skip
             spans(done)
             return context.get_dummy_value()
 
@@ -591,6 +628,73 @@ def _make_group_sums(ntok: int):
 
 group_sums = _make_group_sums(1)
 group_sums4 = _make_group_sums(4)
+
+
+def row_blocks(isa: str, kind: str, bpg: int) -> bool:
+    """Whether :func:`group_sums` leaves its full batches as row blocks (see :func:`transpose_blocks`): where a
+    batch holds as many groups as a task has rows (16 on AVX-512), so a block is square."""
+    return batched_groups(isa, kind, bpg) and batch_lanes(WIDTH[isa]) == ROWS_PER_TASK
+
+
+def _transpose(builder, rows):
+    """The transpose of a square block of vectors (``rows[r]`` lane ``c`` -> ``out[c]`` lane ``r``), ``n`` a power
+    of two: for each bit b of the index, element (r, c) trades places with (r ^ b, c ^ b) where r's and c's bits
+    differ, one two-source shuffle per vector and bit (swapping bit b of the row and column index, bit by bit,
+    swaps the indices): 4 x 16 shuffles for 16 x 16 int32, against 256 lane extracts and stores."""
+    n = len(rows)
+    rows = list(rows)
+    b = 1
+    while b < n:
+        for r in range(n):
+            if r & b:
+                continue
+            lo, hi = rows[r], rows[r | b]
+            # new lo[c] = lo[c] where c & b == 0, else hi[c ^ b]; new hi[c] = lo[c ^ b] where c & b == 0, else hi[c]
+            to_lo = ir.Constant(ir.VectorType(I32, n), [n + (c ^ b) if c & b else c for c in range(n)])
+            to_hi = ir.Constant(ir.VectorType(I32, n), [n + c if c & b else c ^ b for c in range(n)])
+            rows[r], rows[r | b] = (
+                builder.shuffle_vector(lo, hi, to_lo),
+                builder.shuffle_vector(lo, hi, to_hi),
+            )
+        b *= 2
+    return rows
+
+
+@intrinsic
+def transpose_blocks(typingctx, kern, sums, slot):
+    """Put the row blocks that :func:`group_sums` leaves in ``sums[slot]`` (where :func:`row_blocks`) in the
+    layout of its other sums, ``sums[slot, g, r]``: it stores a full batch of 16 groups of row r as one vector,
+    ``sums[slot, g0 + r, :]`` (one store instead of 16 lane extracts and stores, about as many operations as the
+    batch's multiply-adds for int4), so each 16 x 16 block ``sums[slot, g0:g0 + 16, :]`` is transposed here in
+    place. Rows a task lacks are garbage in and out and never read. No code for other kernels."""
+    if not isinstance(kern, KernType) or not isinstance(sums, types.Array):
+        return None
+    if sums.ndim != 3 or sums.layout != "C":
+        return None
+    sig = types.none(kern, sums, slot)
+
+    def codegen(context, builder, sig, args):
+        k = sig.args[0]
+        if not row_blocks(k.isa, k.kind, k.bpg):
+            return context.get_dummy_value()
+        sa = context.make_array(sig.args[1])(context, builder, args[1])
+        slot_ = context.cast(builder, args[2], sig.args[2], types.intp)
+        _, n_groups, _ = cgutils.unpack_tuple(builder, sa.shape, 3)
+        t0, t1, _ = cgutils.unpack_tuple(builder, sa.strides, 3)
+        lanes = ROWS_PER_TASK
+        v32 = ir.VectorType(I32, lanes)
+        base = builder.gep(builder.bitcast(sa.data, I8.as_pointer()), [builder.mul(slot_, t0)])
+        with cgutils.for_range(builder, builder.udiv(n_groups, ir.Constant(n_groups.type, lanes))) as loop:
+            g0 = builder.mul(loop.index, ir.Constant(n_groups.type, lanes))
+            ptrs = [builder.bitcast(builder.gep(base, [builder.mul(builder.add(g0, ir.Constant(g0.type, r)), t1)]),
+                                    v32.as_pointer()) for r in range(lanes)]  # fmt: skip
+            rows = _transpose(builder, [builder.load(p, align=4) for p in ptrs])
+            for p, v in zip(ptrs, rows, strict=True):
+                builder.store(v, p, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Kernels (the same contracts and float order as bitsweep.kernels.fast's portable ones). Arrays go straight to the
@@ -730,7 +834,8 @@ def gemv_groups_serial(kern, qs, dB, mB, rule, bpg, P, xsum, xscale, out):
             r0 = task * ROWS_PER_TASK
             nr = min(n_rows, r0 + ROWS_PER_TASK) - r0
             for r in range(nr):
-                group_sums(kern, qs, r0 + r, P, 0, bpg, sums, r)
+                group_sums(kern, qs, r0 + r, P, 0, bpg, sums, 0, r)
+            transpose_blocks(kern, sums, 0)
             acc[:] = 0
             for g in range(n_groups):
                 xs, sc = np.float32(xsum[g]), xscale[g]
@@ -756,40 +861,50 @@ def gemm_serial(kern, qs, a, c, dB, mB, rule, bpg, P, xsum, xscale, uniform, out
             xsum_total[t] += xsum[t, g]
     n4 = n_tok - n_tok % 4
     n_tasks = (n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    # Four tokens at a time over all of a task's rows, then the next four: a pass's activation planes (4 KiB per
+    # token at k = 4096, in every format) stay in L1 while the rows stream past, and the task's rows (16-32 KiB)
+    # come back from L2 for the next pass. Row by row with all tokens, eight tokens' planes (32 KiB, all of the
+    # Zen 4 host's L1) and the row's codes did not fit: batch 8 took 1.4x the time (int4, TQ2_0; 4096^2).
     if uniform:  # one integer sum per row and token: no scratch
         for task in prange(n_tasks):
-            for i in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
-                for t in range(0, n4, 4):
+            rows = range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK))
+            for t in range(0, n4, 4):
+                for i in rows:
                     s4 = span4(kern, qs, i, P, t, 0, n_bytes)
                     for u in range(4):
                         out[t + u, i] = (
                             a[i, 0] * np.float32(s4[u]) + c[i, 0] * np.float32(xsum_total[t + u])
                         ) * xscale[t + u, 0]
-                for t in range(n4, n_tok):
+            for t in range(n4, n_tok):
+                for i in rows:
                     s = span(kern, qs, i, P, t, 0, n_bytes)
                     out[t, i] = (a[i, 0] * np.float32(s) + c[i, 0] * np.float32(xsum_total[t])) * xscale[t, 0]
         return
     n_chunks = min(n_tasks, TASK_CHUNKS)
     for chunk in prange(n_chunks):
-        sums = np.empty((n_tok, n_groups, ROWS_PER_TASK), np.int32)
+        sums = np.empty((4, n_groups, ROWS_PER_TASK), np.int32)  # one pass: up to four tokens
         acc = np.empty(ROWS_PER_TASK, np.float32)
         for task in range(chunk * n_tasks // n_chunks, (chunk + 1) * n_tasks // n_chunks):
             r0 = task * ROWS_PER_TASK
             nr = min(n_rows, r0 + ROWS_PER_TASK) - r0
-            for r in range(nr):
-                for t in range(0, n4, 4):
-                    group_sums4(kern, qs, r0 + r, P, t, bpg, sums, r)
-                for t in range(n4, n_tok):
-                    group_sums(kern, qs, r0 + r, P, t, bpg, sums, r)
-            for t in range(n_tok):
-                acc[:] = 0
-                for g in range(n_groups):
-                    xs, sc = np.float32(xsum[t, g]), xscale[t, g]
-                    for r in range(nr):
-                        ag, cg = group_scalars(rule, dB, mB, task, g, r)
-                        acc[r] += (ag * np.float32(sums[t, g, r]) + cg * xs) * sc
+            for t in range(0, n_tok, 4):
+                n_pass = min(4, n_tok - t)
                 for r in range(nr):
-                    out[t, r0 + r] = acc[r]
+                    if n_pass == 4:
+                        group_sums4(kern, qs, r0 + r, P, t, bpg, sums, 0, r)
+                    else:
+                        for u in range(n_pass):
+                            group_sums(kern, qs, r0 + r, P, t + u, bpg, sums, u, r)
+                for u in range(n_pass):
+                    transpose_blocks(kern, sums, u)
+                    acc[:] = 0
+                    for g in range(n_groups):
+                        xs, sc = np.float32(xsum[t + u, g]), xscale[t + u, g]
+                        for r in range(nr):
+                            ag, cg = group_scalars(rule, dB, mB, task, g, r)
+                            acc[r] += (ag * np.float32(sums[u, g, r]) + cg * xs) * sc
+                    for r in range(nr):
+                        out[t + u, r0 + r] = acc[r]
 
 
 @njit(parallel=True, cache=True)
