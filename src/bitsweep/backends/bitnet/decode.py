@@ -88,14 +88,20 @@ def attend(qkv, n_heads, n_kv, head_dim, cos, sin, q_norm, k_norm, eps, keys, va
 
     ``qkv``: the stacked projections ``[q (n_heads, head_dim) | k (n_kv, head_dim) | v (n_kv, head_dim)]``, head
     major as transformers views them; ``q_norm``/``k_norm``: per-head RMSNorm weights (Qwen3) or empty; ``cos``,
-    ``sin``: ``(head_dim,)`` at ``pos``; ``keys``/``values``: this block's cache ``(n_kv, capacity, head_dim)``,
-    positions ``< pos`` filled, this token's written at ``pos``. ``out``: ``(n_heads * head_dim,)``, softmax over
-    positions ``0..pos`` (causal, no mask otherwise)."""
+    ``sin``: ``(head_dim,)`` at ``pos``; ``keys``: this block's key cache transposed, ``(n_kv, head_dim,
+    capacity)``, and ``values`` ``(n_kv, capacity, head_dim)``, positions ``< pos`` filled, this token's written
+    at ``pos``. ``out``: ``(n_heads * head_dim,)``, softmax over positions ``0..pos`` (causal, no mask otherwise).
+
+    Each score is the sum over ``i`` in order of ``q[i] * k[t, i]`` as before, but computed for all positions at
+    once, dimension by dimension: along a row of the transposed keys the positions are independent, so the loop
+    vectorises with the same float operations per score (one position at a time, the strict float order kept
+    the sum scalar: 30 blocks of SmolLM2 spent 3.4 ms of a 10 ms token here at 200 positions)."""
     q_end = n_heads * head_dim
     k_end = q_end + n_kv * head_dim
     half = head_dim // 2
     q = qkv[:q_end].copy()
     normed = np.empty(head_dim, np.float32)
+    k = np.empty(head_dim, np.float32)
     for h in range(n_heads):
         head = q[h * head_dim : (h + 1) * head_dim]
         if q_norm.size:
@@ -103,36 +109,38 @@ def attend(qkv, n_heads, n_kv, head_dim, cos, sin, q_norm, k_norm, eps, keys, va
             head[:] = normed
         _rope(head, cos, sin, half)
     for g in range(n_kv):
-        k = qkv[q_end + g * head_dim : q_end + (g + 1) * head_dim]
         if k_norm.size:
-            rms_norm(k, k_norm, eps, normed)
-            keys[g, pos] = normed
+            rms_norm(qkv[q_end + g * head_dim : q_end + (g + 1) * head_dim], k_norm, eps, k)
         else:
-            keys[g, pos] = k
-        _rope(keys[g, pos], cos, sin, half)
+            k[:] = qkv[q_end + g * head_dim : q_end + (g + 1) * head_dim]
+        _rope(k, cos, sin, half)
+        keys[g, :, pos] = k
         values[g, pos] = qkv[k_end + g * head_dim : k_end + (g + 1) * head_dim]
     group = n_heads // n_kv
-    scores = np.empty(pos + 1, np.float32)
+    n = pos + 1
+    scores = np.empty(n, np.float32)
     for h in range(n_heads):
         g = h // group
         head = q[h * head_dim : (h + 1) * head_dim]
+        scores[:] = 0
+        for i in range(head_dim):
+            qi, row = head[i], keys[g, i]
+            for t in range(n):
+                scores[t] += qi * row[t]
         top = np.float32(-np.inf)
-        for t in range(pos + 1):
-            s = np.float32(0.0)
-            for i in range(head_dim):
-                s += head[i] * keys[g, t, i]
-            scores[t] = s * scaling
+        for t in range(n):
+            scores[t] = scores[t] * scaling
             top = max(top, scores[t])
         total = np.float32(0.0)
-        for t in range(pos + 1):
+        for t in range(n):
             scores[t] = np.exp(scores[t] - top)
             total += scores[t]
         o = out[h * head_dim : (h + 1) * head_dim]
         o[:] = 0
-        for t in range(pos + 1):
-            p = scores[t] / total
+        for t in range(n):
+            p, row = scores[t] / total, values[g, t]  # a row view: the loop over i then vectorises
             for i in range(head_dim):
-                o[i] += p * values[g, t, i]
+                o[i] += p * row[i]
 
 
 @njit(cache=True)
@@ -269,10 +277,11 @@ class Decoder:
         if n <= self.capacity:
             return
         capacity = max(256, 1 << (n - 1).bit_length())
-        shape = (len(self.blocks), self.n_kv, capacity, self.head_dim)
-        keys, values = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        # keys transposed, (layer, kv head, head_dim, position): see attend
+        keys = np.zeros((len(self.blocks), self.n_kv, self.head_dim, capacity), np.float32)
+        values = np.zeros((len(self.blocks), self.n_kv, capacity, self.head_dim), np.float32)
         if self.keys is not None:
-            keys[:, :, : self.capacity] = self.keys
+            keys[..., : self.capacity] = self.keys
             values[:, :, : self.capacity] = self.values
         self.keys, self.values, self.capacity = keys, values, capacity
         torch = self.torch
@@ -285,7 +294,7 @@ class Decoder:
         """Take over transformers' KV cache after a prefill of ``n_tokens`` (the next token is at ``n_tokens``)."""
         self._reserve(n_tokens + 1)
         for index, layer in enumerate(past.layers):
-            self.keys[index, :, :n_tokens] = layer.keys[0].float().numpy()
+            self.keys[index, ..., :n_tokens] = layer.keys[0].float().numpy().transpose(0, 2, 1)
             self.values[index, :, :n_tokens] = layer.values[0].float().numpy()
         self.pos = n_tokens
 
