@@ -310,7 +310,7 @@ def _emit_span(builder, isa, kind, rowp, plane_ptrs, o, e, long=True, prefetch=N
 
 def _emit_trit_span(builder, isa, rowp, plane_ptrs, o, e, n_chunks, ahead, level, products):
     """A one-token TQ1_0 span on VNNI through :func:`_trit_multiples`' identity: per chunk, ``A += m_t . x_t`` and
-    ``B += m_{t+1} . x_t`` for the five digits (two chains each: one would wait on vpdpbusd's latency), then each
+    ``B += m_{t+1} . x_t`` for the five digits (a chain each: one would wait on vpdpbusd's latency), then each
     lane's ``(3A - B) >> 8``; the bytes after the last full vector as :func:`_emit_tail` does."""
     width, digits = WIDTH[isa], PLANES["t"]
     v8, v32 = ir.VectorType(I8, width), ir.VectorType(I32, width // 4)
