@@ -593,12 +593,13 @@ def _gather_planes(x, index):
 
 def gemm_prepared(pm: PackedMatrix, acts: Activations) -> np.ndarray:
     """``x @ W.T`` for activations already prepared with :func:`prepare_activations`."""
-    a, c = _scalars(pm)
     out = np.empty((acts.x.shape[0], pm.n_rows), np.float32)
-    bpg = pm.fmt.bytes_per_group(pm.group)
     if acts.integer and _isa != "portable":
-        _gemm_simd(pm, acts, *_row_scalars(pm), bpg, out)
-    elif acts.integer and acts.x.shape[0] == 1 and uniform_row_scales(pm, acts):
+        _gemm_simd(pm, acts, out)
+        return out
+    a, c = _scalars(pm)
+    bpg = pm.fmt.bytes_per_group(pm.group)
+    if acts.integer and acts.x.shape[0] == 1 and uniform_row_scales(pm, acts):
         planes = activation_planes(pm, acts.x[0])
         xsum_total = np.int32(acts.xsum[0].sum())
         _gemv_int_rows(pm.fmt.fmt_id, pm.qs, a, c, planes, xsum_total, acts.scale[0, 0], out[0])
@@ -642,47 +643,67 @@ _thread_count = None
 
 
 def _c_array(values: np.ndarray, dtype, ndim: int) -> np.ndarray:
-    """``values`` as the C-contiguous ``dtype`` array of ``ndim`` dimensions an entry point expects."""
+    """``values`` as the C-contiguous ``dtype`` array of ``ndim`` dimensions an entry point expects (``dtype`` a
+    ``np.dtype``: compared by identity, numpy's builtin dtypes being singletons)."""
     if values.ndim != ndim:
         raise ValueError(f"expected a {ndim}-D array, got shape {values.shape}")
-    if values.dtype != dtype or not values.flags.c_contiguous:
+    if values.dtype is not dtype or not values.flags.c_contiguous:
         values = np.ascontiguousarray(values, dtype=dtype)
     return values
 
 
-def _gemm_simd(pm: PackedMatrix, acts: Activations, a, c, bpg: int, out: np.ndarray) -> None:
+_I16, _I32, _F32 = np.dtype(np.int16), np.dtype(np.int32), np.dtype(np.float32)
+
+
+def _gemm_simd(pm: PackedMatrix, acts: Activations, out: np.ndarray) -> None:
     """The SIMD kernels through a plan made once per matrix, instruction set and kind of call: the kernel (its
-    loop on one thread, else its parallel form) and the activation planes' gather, both as entry points."""
-    uniform, batched, serial = uniform_row_scales(pm, acts), acts.x.shape[0] > 1, _one_thread()
-    plans, key = pm.meta.setdefault("_gemm_plans", {}), (_isa, _group_batches, uniform, batched, serial)
-    x, xsum, scale = (
-        _c_array(acts.x, np.int16, 2),
-        _c_array(acts.xsum, np.int32, 2),
-        _c_array(acts.scale, np.float32, 2),
-    )
+    loop on one thread, else its parallel form) and the activation planes' gather, both as entry points. Every
+    call after a weight matrix has streamed past finds the caches cold, where each Python step costs ~10 us:
+    the plan's key needs no arithmetic on the activations where they say their scales are per token
+    (``acts.per_token``), and dtypes are checked by identity."""
+    per_token = acts.per_token
+    if per_token is None:  # known only from the scales themselves
+        per_token = ("scales", uniform_row_scales(pm, acts))
+    plans = pm.meta.get("_gemm_plans")
+    if plans is None:
+        plans = pm.meta["_gemm_plans"] = {}
+    batched = acts.x.shape[0] > 1
+    key = (_isa, _group_batches, per_token, batched, _one_thread())
+    x, xsum, scale = _c_array(acts.x, _I16, 2), _c_array(acts.xsum, _I32, 2), _c_array(acts.scale, _F32, 2)
+    plan = plans.get(key)
+    if plan is None:
+        plan = plans[key] = _gemm_plan(pm, acts, batched, key[-1], x, xsum, scale, out)
     if batched:
-        per_call = (xsum, scale, uniform, out)
-    elif uniform:
+        per_call = (xsum, scale, plan[4], out)
+    elif plan[4]:
         per_call = (xsum[0], scale[0, 0], out[0])
     else:
         per_call = (xsum[0], scale[0], out[0])
-    plan = plans.get(key)
-    if plan is None:
-        qs, index = _kernel_rows(pm, uniform)
-        if batched:
-            kernel, fixed = (simd.gemm_serial, simd.gemm), (_kern(pm), qs, a, c, *_blocked_scalars(pm), bpg)
-        elif uniform:
-            kernel, fixed = (simd.gemv_rows_serial, simd.gemv_rows), (_kern(pm), qs, a, c)
-        else:
-            kernel, fixed = (
-                (simd.gemv_groups_serial, simd.gemv_groups),
-                (_kern(pm), qs, *_blocked_scalars(pm), bpg),
-            )
-        planes = simd.gather_planes8(x, index)
-        plan = plans[key] = (entry_point(simd.gather_planes8, x, index), index,
-                             entry_point(kernel[0 if serial else 1], *fixed, planes, *per_call), fixed)  # fmt: skip
-    planes = plan[0](x, plan[1])
-    plan[2](*plan[3], planes, *per_call)
+    plan[2](*plan[3], plan[0](x, plan[1]), *per_call)
+
+
+def _gemm_plan(pm, acts, batched, serial, x, xsum, scale, out):
+    """``(gather entry point, plane index, kernel entry point, its fixed arguments, uniform)`` for
+    :func:`_gemm_simd`."""
+    uniform = uniform_row_scales(pm, acts)
+    a, c = _row_scalars(pm)
+    qs, index = _kernel_rows(pm, uniform)
+    bpg = pm.fmt.bytes_per_group(pm.group)
+    if batched:
+        kernel, fixed = (simd.gemm_serial, simd.gemm), (_kern(pm), qs, a, c, *_blocked_scalars(pm), bpg)
+        per_call = (xsum, scale, uniform, out)
+    elif uniform:
+        kernel, fixed = (simd.gemv_rows_serial, simd.gemv_rows), (_kern(pm), qs, a, c)
+        per_call = (xsum[0], scale[0, 0], out[0])
+    else:
+        kernel, fixed = (
+            (simd.gemv_groups_serial, simd.gemv_groups),
+            (_kern(pm), qs, *_blocked_scalars(pm), bpg),
+        )
+        per_call = (xsum[0], scale[0], out[0])
+    planes = simd.gather_planes8(x, index)
+    return (entry_point(simd.gather_planes8, x, index), index,
+            entry_point(kernel[0 if serial else 1], *fixed, planes, *per_call), fixed, uniform)  # fmt: skip
 
 
 def gemm(pm: PackedMatrix, x: np.ndarray, act: str = "int8") -> np.ndarray:
@@ -780,7 +801,7 @@ def _gemv_token_simd(kern, qs, a, c, dB, mB, rule, group, bytes_per_group, index
 
 def linear_token(pm: PackedMatrix, x: np.ndarray) -> np.ndarray:
     """``W @ x`` for one token with per-token int8 activations; the same numbers as ``gemv(pm, x, "int8")``."""
-    x, out = _c_array(x, np.float32, 1), np.empty(pm.n_rows, np.float32)
+    x, out = _c_array(x, _F32, 1), np.empty(pm.n_rows, np.float32)
     serial = _one_thread()
     plans, key = pm.meta.setdefault("_token_plans", {}), (_isa, _group_batches, serial)
     plan = plans.get(key)
