@@ -673,13 +673,14 @@ def _gemm_simd(pm: PackedMatrix, acts: Activations, out: np.ndarray) -> None:
     plan = plans.get(key)
     if plan is None:
         plan = plans[key] = _gemm_plan(pm, acts, batched, key[-1], x, xsum, scale, out)
+    plan[2](*plan[3], plan[0](x, plan[1]), *_per_call(batched, plan[4], xsum, scale, out))
+
+
+def _per_call(batched: bool, uniform: bool, xsum, scale, out) -> tuple:
+    """The kernel's arguments that change from call to call: a batch's arrays, or one token's rows of them."""
     if batched:
-        per_call = (xsum, scale, plan[4], out)
-    elif plan[4]:
-        per_call = (xsum[0], scale[0, 0], out[0])
-    else:
-        per_call = (xsum[0], scale[0], out[0])
-    plan[2](*plan[3], plan[0](x, plan[1]), *per_call)
+        return xsum, scale, uniform, out
+    return xsum[0], scale[0, 0] if uniform else scale[0], out[0]
 
 
 def _gemm_plan(pm, acts, batched, serial, x, xsum, scale, out):
@@ -691,17 +692,15 @@ def _gemm_plan(pm, acts, batched, serial, x, xsum, scale, out):
     bpg = pm.fmt.bytes_per_group(pm.group)
     if batched:
         kernel, fixed = (simd.gemm_serial, simd.gemm), (_kern(pm), qs, a, c, *_blocked_scalars(pm), bpg)
-        per_call = (xsum, scale, uniform, out)
     elif uniform:
         kernel, fixed = (simd.gemv_rows_serial, simd.gemv_rows), (_kern(pm), qs, a, c)
-        per_call = (xsum[0], scale[0, 0], out[0])
     else:
         kernel, fixed = (
             (simd.gemv_groups_serial, simd.gemv_groups),
             (_kern(pm), qs, *_blocked_scalars(pm), bpg),
         )
-        per_call = (xsum[0], scale[0], out[0])
     planes = simd.gather_planes8(x, index)
+    per_call = _per_call(batched, uniform, xsum, scale, out)
     return (entry_point(simd.gather_planes8, x, index), index,
             entry_point(kernel[0 if serial else 1], *fixed, planes, *per_call), fixed, uniform)  # fmt: skip
 

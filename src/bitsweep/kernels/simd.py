@@ -588,15 +588,19 @@ def _make_group_sums(ntok: int):
             t0, t1, t2 = cgutils.unpack_tuple(builder, sa.strides, 3)
             sbase = builder.bitcast(sa.data, I8.as_pointer())
 
+            def at(n, g):
+                """Byte offset of ``sums[slot + n, g, 0]``."""
+                return builder.add(
+                    builder.mul(builder.add(slot_, ir.Constant(slot_.type, n)), t0), builder.mul(g, t1)
+                )
+
             def store(n, g, s):
-                off = builder.add(builder.add(builder.mul(builder.add(slot_, ir.Constant(slot_.type, n)), t0),
-                                              builder.mul(g, t1)), builder.mul(col_, t2))  # fmt: skip
+                off = builder.add(at(n, g), builder.mul(col_, t2))
                 builder.store(s, builder.bitcast(builder.gep(sbase, [off]), I32.as_pointer()))
 
             def store_batch(n, g0, v):
                 """Row ``col``'s sums of groups g0..g0+15 as one vector: ``sums[slot + n, g0 + col, :]``."""
-                off = builder.add(builder.mul(builder.add(slot_, ir.Constant(slot_.type, n)), t0),
-                                  builder.mul(builder.add(g0, col_), t1))  # fmt: skip
+                off = at(n, builder.add(g0, col_))
                 builder.store(v, builder.bitcast(builder.gep(sbase, [off]), v.type.as_pointer()), align=4)
 
             isa, bpg, prefetch = sig.args[0].isa, sig.args[0].bpg, sig.args[0].prefetch
@@ -848,10 +852,11 @@ def gemv_groups_serial(kern, qs, dB, mB, rule, bpg, P, xsum, xscale, out):
 
 @njit(inline="always", cache=True)
 def gemm_serial(kern, qs, a, c, dB, mB, rule, bpg, P, xsum, xscale, uniform, out):
-    """Batched: each row is read once and each chunk of its codes decoded once per four tokens. ``uniform``: one
-    scale per row and per token (formats.uniform_row_scales), so a row is one integer sum per token; otherwise
-    per-group sums combined as in gemv_groups. ``a``, ``c``: at least each row's first group's (``(n_rows, 1)``
-    will do: only ``uniform`` rows read them)."""
+    """Batched: each row is streamed from memory once (its later four-token passes find it in L2) and each chunk
+    of its codes decoded once per four tokens. ``uniform``: one scale per row and per token
+    (formats.uniform_row_scales), so a row is one integer sum per token; otherwise per-group sums combined as in
+    gemv_groups. ``a``, ``c``: at least each row's first group's (``(n_rows, 1)`` will do: only ``uniform`` rows
+    read them)."""
     n_rows, n_bytes = qs.shape
     n_groups = dB.shape[1]
     n_tok = P.shape[0]
