@@ -35,7 +35,8 @@ from bitsweep.kernels.formats import prepare_activations, quantize
 # isort: on
 
 
-@numba.njit(cache=True)
+# Not cached: numba would key the cache on this file alone and keep serving the loop of an older simd.py
+@numba.njit
 def _loop(kern, qs, a, c, planes, xsum, xscale, out):
     simd.gemv_rows_serial(kern, qs, a, c, planes, xsum, xscale, out)
 

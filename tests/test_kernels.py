@@ -351,6 +351,9 @@ def test_simd_paths_compile_to_their_instructions(path, tmp_path):
         # TQ1_0's multiples of three as byte adds (inline assembly, simd._times3), not LLVM's byte multiplies
         args = (simd.KernType({path!r}, "t"), types.uint8[:, ::1], types.intp, types.int8[:, :, ::1])
         print("@@ trit_adds", row.inspect_asm(args).count("#APP"))
+        # with VNNI, 2-bit planes masked in place through four opaque masks (simd._plane_masks), not shifted
+        args = (simd.KernType({path!r}, "2"), types.uint8[:, ::1], types.intp, types.int8[:, :, ::1])
+        print("@@ plane_masks", row.inspect_asm(args).count("#APP"))
     """)
     env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES=features, NUMBA_CACHE_DIR=str(tmp_path))
     env.pop(simd.ENV, None)
@@ -359,9 +362,10 @@ def test_simd_paths_compile_to_their_instructions(path, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line.split() for line in done.stdout.splitlines() if line.startswith("@@")]
-    assert len(lines) == 14 and [line[1] for line in lines[-2:]] == ["prefetch", "trit_adds"], lines[-2:]
-    assert int(lines[-2][2]) > 0 and int(lines[-1][2]) >= 5, lines[-2:]
-    for _, kind, count, wide in lines[:-2]:
+    assert len(lines) == 15 and [line[1] for line in lines[-3:]] == ["prefetch", "trit_adds", "plane_masks"]
+    assert int(lines[-3][2]) > 0 and int(lines[-2][2]) >= 5, lines[-3:]
+    assert int(lines[-1][2]) == (4 if path in simd.VNNI else 0), lines[-1]
+    for _, kind, count, wide in lines[:-3]:
         assert int(count) > 0 and wide == "True", (path, kind, count, wide)
 
 
@@ -384,13 +388,45 @@ def test_one_thread_runs_each_kernels_loop_inline_with_the_same_bits():
                 np.testing.assert_array_equal(fast.linear_token(pm, x[3]), expected[3])
             finally:
                 numba.set_num_threads(previous)
-        assert {key[-1] for key in pm.meta["_gemm_plans"]} == {True, previous == 1}
+        for plans in (pm.meta["_gemm_plans"], pm.meta["_token_plans"]):
+            assert {serial for call in plans.values() for serial in call.entries} == {True, previous == 1}
     with pytest.raises(ValueError, match="1-D"):
         fast.linear_token(pm, x[:1])
 
 
+@pytest.mark.skipif(fast.current_isa() not in simd.VNNI, reason="masked planes are the VNNI kernels'")
+def test_rows_too_long_for_masked_int32_sums_are_refused(monkeypatch):
+    """The VNNI kernels leave code planes in place (simd._masked_planes), which scales their int32 sums by up to
+    64 (2-bit codes): a row longer than simd.masked_span_bytes could wrap, so its plan is refused with the reason
+    rather than computed wrongly. The real limit (1.4 MB of 2-bit codes per row with AVX-512) is lowered here."""
+    assert simd.masked_span_bytes("avx512vnni", "2") == (2**31 - 1) // (4 * 192 * 128) * 64
+    assert simd.masked_span_bytes("avxvnni", "4") == (2**31 - 1) // (4 * 240 * 128) * 32
+    pm = ref.quantize(weights(16, 512, seed=4), "tq2_0", scale="absmean")  # 128 bytes per row
+    monkeypatch.setattr(simd, "masked_span_bytes", lambda isa, kind: 64)
+    with pytest.raises(ValueError, match="rows of 128 bytes are longer"):
+        fast.gemv(pm, np.ones(512, np.float32))
+
+
+def test_an_edit_of_any_kernel_module_makes_every_cached_kernel_stale(tmp_path):
+    """numba keys a function's cache on its own file's contents, but fast.py's functions inline simd.py's
+    kernels: the package's cache locator (bitsweep.kernels.cache_kernels_together) adds every module's hash to the
+    freshness stamp of each function it compiles, so an edit of simd.py alone recompiles fast.py's too."""
+    from bitsweep import kernels
+
+    for fn in (fast._run_plan, fast._run_token, simd.gemm):
+        locator = fn._cache._impl.locator
+        assert getattr(type(locator), "bitsweep_kernels", False), type(locator)
+        assert locator.get_source_stamp()[1] == kernels.kernel_sources_stamp()
+    assert "simd.py" in dict(kernels.kernel_sources_stamp())
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "b.py").write_text("y = 1\n")
+    before = kernels.kernel_sources_stamp(str(tmp_path))
+    (tmp_path / "b.py").write_text("y = 2\n")
+    assert kernels.kernel_sources_stamp(str(tmp_path)) != before
+
+
 @pytest.mark.skipif(fast.current_isa() == "portable", reason="the SIMD kernels only")
-def test_the_kernels_can_be_cached_on_disk(recwarn):
+def test_the_kernels_can_be_cached_on_disk(recwarn, monkeypatch):
     """numba cannot cache a kernel that uses a dynamic global (the thread count, a ctypes pointer): it only warns,
     and every process then compiles the kernel again, seconds per format. Each SIMD kernel (and the float16 GEMV
     of a float head, which prefetches through an intrinsic), called with an
@@ -420,6 +456,15 @@ def test_the_kernels_can_be_cached_on_disk(recwarn):
     fast.gemv_f16(head.view(np.uint16), np.ascontiguousarray(x[0, :200]), logits)
     want = head.astype(np.float64) @ x[0, :200].astype(np.float64)
     np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-4)  # float32 sums in any order
+    # the plans' entries (fast._run_plan, fast._run_token: a KernelPlan structref, numba's thread count getter
+    # called through its address), compiled afresh for a kernel type no other test uses (its prefetch distance)
+    monkeypatch.setattr(fast, "_prefetch", (simd.PREFETCH_GEMV_L2[0] + 64, 2))
+    for matrix in (ref.quantize(weights(40, 512, seed=3), "tq2_0", scale="absmean"), pm):
+        matrix.meta.clear()
+        want = ref.gemm(matrix, x)
+        np.testing.assert_array_equal(fast.gemm(matrix, x), want)
+        np.testing.assert_array_equal(fast.gemm(matrix, x[:1]), want[:1])
+        np.testing.assert_array_equal(fast.linear_token(matrix, x[2]), want[2])
     assert not [w for w in recwarn if "Cannot cache" in str(w.message)]
 
 

@@ -20,9 +20,14 @@ loops below are the ``portable`` path. Every path gives the same bits on the sam
 
 from __future__ import annotations
 
+import ctypes
+
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange, types
+from numba.experimental import structref
+from numba.extending import intrinsic, overload
 
 from bitsweep.kernels import memory, simd
 from bitsweep.kernels.formats import (
@@ -502,6 +507,12 @@ def _kern(pm: PackedMatrix) -> simd.Kern:
     """The kernel type: the group size is compiled in where groups are summed in batches, else left at 0 so that
     one compilation serves every group size."""
     bpg = pm.fmt.bytes_per_group(pm.group) if groups_batched(pm) else 0
+    kind, row_bytes = simd.KIND[pm.fmt.fmt_id], pm.qs.shape[1]
+    if _isa in simd.VNNI and kind in simd.MASKED_BITS and row_bytes > simd.masked_span_bytes(_isa, kind):
+        raise ValueError(
+            f"rows of {row_bytes} bytes are longer than the {_isa} kernels' int32 sums allow "
+            f"({simd.masked_span_bytes(_isa, kind)} bytes of {pm.fmt.name} codes)"
+        )
     return simd.Kern(_isa, pm.fmt.fmt_id, bpg, _prefetch)
 
 
@@ -593,7 +604,7 @@ def _gather_planes(x, index):
 
 def gemm_prepared(pm: PackedMatrix, acts: Activations) -> np.ndarray:
     """``x @ W.T`` for activations already prepared with :func:`prepare_activations`."""
-    out = np.empty((acts.x.shape[0], pm.n_rows), np.float32)
+    out = np.empty((acts.x.shape[0], pm.n_rows), _F32)
     if acts.integer and _isa != "portable":
         _gemm_simd(pm, acts, out)
         return out
@@ -619,8 +630,8 @@ def entry_point(dispatcher, *args):
     function taking exactly those types. Calling it skips the dispatcher's per-call type resolution, which costs
     20-35 us per call when the caches are cold, as they are after every streamed weight matrix (1-4 us warm; Zen 4,
     numba 0.68): a plan takes it once and passes arrays of the same types on every call (nothing checks them).
-    Python ``bool`` arguments are compiled in (numba literal types): a branch on one is pruned, so only the path
-    taken is compiled, and the plan must pass the same values."""
+    Python ``bool`` arguments are compiled in as literals, for functions that choose what to compile from them
+    (:func:`_product`; numba does not prune an ``if`` on one), so a plan must pass the same values."""
     return dispatcher.compile(
         tuple(types.literal(value) if type(value) is bool else numba.typeof(value) for value in args)
     )
@@ -630,16 +641,159 @@ def _one_thread() -> bool:
     """Whether numba runs on one thread here (its count is per calling thread), read through the getter that
     ``numba.get_num_threads`` wraps once numba's pool is up: the wrapper's launch check costs 8 us more per call
     when the caches are cold (numba 0.68; the public function where that getter is missing)."""
+    return _thread_count_getter()() == 1
+
+
+def _thread_count_getter():
+    """numba's thread count getter (a ctypes function of its threading layer, ``int get_num_threads(void)``), or
+    the public function where numba no longer keeps one."""
     global _thread_count
     if _thread_count is None:
         numba.get_num_threads()  # launches the pool
         from numba.np.ufunc import parallel
 
         _thread_count = getattr(parallel, "_get_num_threads", None) or numba.get_num_threads
-    return _thread_count() == 1
+    return _thread_count
 
 
 _thread_count = None
+
+
+def _thread_count_address() -> int:
+    """The address of numba's C thread count getter, for compiled code to call (:func:`_call_c_int`); 0 where
+    numba keeps none (the plans then ask from Python on every call)."""
+    getter = _thread_count_getter()
+    if not isinstance(getter, ctypes._CFuncPtr):
+        return 0
+    return ctypes.cast(getter, ctypes.c_void_p).value or 0
+
+
+@intrinsic
+def _call_c_int(typingctx, address):
+    """``((int (*)(void)) address)()``. numba's own ``get_num_threads`` in compiled code embeds the getter's
+    address as a constant, and numba refuses to cache such code; a plan passes the address as data instead."""
+    if not isinstance(address, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        getter = ir.FunctionType(ir.IntType(32), [])
+        return builder.call(builder.inttoptr(args[0], getter.as_pointer()), [])
+
+    return types.int32(address), codegen
+
+
+@structref.register
+class KernelPlanType(types.StructRef):
+    """numba's type of :class:`KernelPlan`."""
+
+    def preprocess_fields(self, fields):
+        return tuple((name, types.unliteral(typ)) for name, typ in fields)
+
+
+class KernelPlan(structref.StructRefProxy):
+    """What the SIMD kernels read of one packed matrix, held where compiled code reads it: passing the plan is one
+    argument to unbox per call instead of ten (each costs ~1 us when the caches are cold, as after every streamed
+    weight matrix). Fields: ``kern`` (simd.Kern), ``qs`` and ``index`` (:func:`_kernel_rows`), ``a``, ``c``
+    (:func:`_row_scalars`), ``dB``, ``mB``, ``rule``, ``bpg`` (:func:`_blocked_scalars`), ``group``, and
+    ``threads``, the address of numba's thread count getter (:func:`_thread_count_address`)."""
+
+
+_PLAN_FIELDS = ("kern", "qs", "index", "a", "c", "dB", "mB", "rule", "bpg", "group", "threads")
+structref.define_proxy(KernelPlan, KernelPlanType, list(_PLAN_FIELDS))
+
+
+@njit(cache=True)
+def _new_kernel_plan(kern, qs, index, a, c, dB, mB, rule, bpg, group, threads):
+    """A KernelPlan, constructed by cached code (the proxy's own constructor compiles in every process)."""
+    return KernelPlan(kern, qs, index, a, c, dB, mB, rule, bpg, group, threads)
+
+
+def _kernel_plan(pm: PackedMatrix, uniform: bool) -> KernelPlan:
+    qs, index = _kernel_rows(pm, uniform)
+    group = pm.group
+    return _new_kernel_plan(_kern(pm), qs, index, *_row_scalars(pm), *_blocked_scalars(pm),
+                            pm.fmt.bytes_per_group(group), group, _thread_count_address())  # fmt: skip
+
+
+def _product(serial, batched, uniform, plan, P, xsum, xscale, out):
+    """``out = planes P times plan's rows``, for compiled code: the kernel and its arguments are chosen when the
+    caller compiles, from the literal flags: ``serial`` (the kernel's loop inline, else its parallel form),
+    ``batched`` (simd.gemm) or one token with one scale per row (simd.gemv_rows, ``uniform``) or per-group scales
+    (simd.gemv_groups). ``xsum``, ``xscale``, ``out``: 2-D, a row per token."""
+    raise TypeError("_product runs in compiled code only")
+
+
+@overload(_product)
+def _product_typed(serial, batched, uniform, plan, P, xsum, xscale, out):
+    flags = (serial, batched, uniform)
+    if not all(isinstance(flag, types.BooleanLiteral) for flag in flags):
+        return None
+    serial, batched, uniform = (flag.literal_value for flag in flags)
+    if batched:
+        kernel = simd.gemm_serial if serial else simd.gemm
+
+        def impl(serial, batched, uniform, plan, P, xsum, xscale, out):
+            kernel(plan.kern, plan.qs, plan.a, plan.c, plan.dB, plan.mB, plan.rule, plan.bpg, P, xsum, xscale,
+                   uniform, out)  # fmt: skip
+
+    elif uniform:
+        kernel = simd.gemv_rows_serial if serial else simd.gemv_rows
+
+        def impl(serial, batched, uniform, plan, P, xsum, xscale, out):
+            kernel(plan.kern, plan.qs, plan.a, plan.c, P, xsum[0], xscale[0, 0], out[0])
+
+    else:
+        kernel = simd.gemv_groups_serial if serial else simd.gemv_groups
+
+        def impl(serial, batched, uniform, plan, P, xsum, xscale, out):
+            kernel(plan.kern, plan.qs, plan.dB, plan.mB, plan.rule, plan.bpg, P, xsum[0], xscale[0], out[0])
+
+    return impl
+
+
+@njit(inline="always")
+def _threads_moved(serial, threads):
+    """Whether numba's thread count no longer matches ``serial`` (0: no getter to ask, the caller asked)."""
+    return threads != 0 and (_call_c_int(threads) == 1) != serial
+
+
+@njit(cache=True)
+def _run_plan(serial, batched, uniform, plan, x, xsum, xscale, out):
+    """gemm_prepared's SIMD call: the activations gathered into planes and multiplied. False, having done nothing,
+    where numba's thread count no longer matches ``serial``."""
+    if _threads_moved(serial, plan.threads):
+        return False
+    _product(serial, batched, uniform, plan, simd.gather_planes8(x, plan.index), xsum, xscale, out)
+    return True
+
+
+class _Call:
+    """A plan's entry point (:func:`entry_point`) compiled for numba's thread count as last seen: ``entry(serial,
+    *flags, plan, *arrays)``. Each call costs one compiled call; where the entry finds the count changed it does
+    nothing and returns False, and the call takes (or compiles) the entry for the new count."""
+
+    __slots__ = ("asks", "dispatcher", "entries", "entry", "flags", "head", "plan")
+
+    def __init__(self, dispatcher, flags: tuple, plan: KernelPlan) -> None:
+        self.dispatcher, self.flags, self.plan, self.entries = dispatcher, flags, plan, {}
+        self.entry, self.head = None, ()
+        self.asks = _thread_count_address() == 0  # the entries cannot see the thread count
+
+    def __call__(self, *arrays) -> None:
+        if self.entry is None or self.asks or not self.entry(*self.head, *arrays):
+            self._switch(arrays)
+
+    def _switch(self, arrays: tuple) -> None:
+        serial = _one_thread()
+        entry = self.entries.get(serial)
+        if entry is None:
+            entry = self.entries[serial] = entry_point(
+                self.dispatcher, serial, *self.flags, self.plan, *arrays
+            )
+        head = (serial, *self.flags, self.plan)
+        self.entry, self.head = entry, head
+        if not entry(*head, *arrays):
+            raise RuntimeError("numba's thread count changed during a kernel call")
 
 
 def _c_array(values: np.ndarray, dtype, ndim: int) -> np.ndarray:
@@ -656,11 +810,10 @@ _I16, _I32, _F32 = np.dtype(np.int16), np.dtype(np.int32), np.dtype(np.float32)
 
 
 def _gemm_simd(pm: PackedMatrix, acts: Activations, out: np.ndarray) -> None:
-    """The SIMD kernels through a plan made once per matrix, instruction set and kind of call: the kernel (its
-    loop on one thread, else its parallel form) and the activation planes' gather, both as entry points. Every
-    call after a weight matrix has streamed past finds the caches cold, where each Python step costs ~10 us:
-    the plan's key needs no arithmetic on the activations where they say their scales are per token
-    (``acts.per_token``), and dtypes are checked by identity."""
+    """The SIMD kernels through a plan made once per matrix, instruction set and kind of call (:class:`_Call` of
+    :func:`_run_plan`). Every call after a weight matrix has streamed past finds the caches cold, where each
+    Python step costs ~1-10 us: the plan's key needs no arithmetic on the activations where they say their scales
+    are per token (``acts.per_token``), and dtypes are checked by identity."""
     per_token = acts.per_token
     if per_token is None:  # known only from the scales themselves
         per_token = ("scales", uniform_row_scales(pm, acts))
@@ -668,41 +821,12 @@ def _gemm_simd(pm: PackedMatrix, acts: Activations, out: np.ndarray) -> None:
     if plans is None:
         plans = pm.meta["_gemm_plans"] = {}
     batched = acts.x.shape[0] > 1
-    key = (_isa, _group_batches, per_token, batched, _one_thread())
-    x, xsum, scale = _c_array(acts.x, _I16, 2), _c_array(acts.xsum, _I32, 2), _c_array(acts.scale, _F32, 2)
-    plan = plans.get(key)
-    if plan is None:
-        plan = plans[key] = _gemm_plan(pm, acts, batched, key[-1], x, xsum, scale, out)
-    plan[2](*plan[3], plan[0](x, plan[1]), *_per_call(batched, plan[4], xsum, scale, out))
-
-
-def _per_call(batched: bool, uniform: bool, xsum, scale, out) -> tuple:
-    """The kernel's arguments that change from call to call: a batch's arrays, or one token's rows of them."""
-    if batched:
-        return xsum, scale, uniform, out
-    return xsum[0], scale[0, 0] if uniform else scale[0], out[0]
-
-
-def _gemm_plan(pm, acts, batched, serial, x, xsum, scale, out):
-    """``(gather entry point, plane index, kernel entry point, its fixed arguments, uniform)`` for
-    :func:`_gemm_simd`."""
-    uniform = uniform_row_scales(pm, acts)
-    a, c = _row_scalars(pm)
-    qs, index = _kernel_rows(pm, uniform)
-    bpg = pm.fmt.bytes_per_group(pm.group)
-    if batched:
-        kernel, fixed = (simd.gemm_serial, simd.gemm), (_kern(pm), qs, a, c, *_blocked_scalars(pm), bpg)
-    elif uniform:
-        kernel, fixed = (simd.gemv_rows_serial, simd.gemv_rows), (_kern(pm), qs, a, c)
-    else:
-        kernel, fixed = (
-            (simd.gemv_groups_serial, simd.gemv_groups),
-            (_kern(pm), qs, *_blocked_scalars(pm), bpg),
-        )
-    planes = simd.gather_planes8(x, index)
-    per_call = _per_call(batched, uniform, xsum, scale, out)
-    return (entry_point(simd.gather_planes8, x, index), index,
-            entry_point(kernel[0 if serial else 1], *fixed, planes, *per_call), fixed, uniform)  # fmt: skip
+    key = (_isa, _group_batches, per_token, batched)
+    call = plans.get(key)
+    if call is None:
+        uniform = uniform_row_scales(pm, acts)
+        call = plans[key] = _Call(_run_plan, (batched, uniform), _kernel_plan(pm, uniform))
+    call(_c_array(acts.x, _I16, 2), _c_array(acts.xsum, _I32, 2), _c_array(acts.scale, _F32, 2), out)
 
 
 def gemm(pm: PackedMatrix, x: np.ndarray, act: str = "int8") -> np.ndarray:
@@ -767,10 +891,9 @@ def _quantize_token(x, group, n_groups):
 
 
 @njit(cache=True)
-def _gemv_token(fmt, qs, a, c, group, bytes_per_group, index, uniform, serial, x, out):
+def _gemv_token(fmt, qs, a, c, group, bytes_per_group, index, uniform, x, out):
     """One token, int8 per-token activations: quantize, gather planes and multiply in a single compiled call
-    (generation calls this once per Linear per token, where Python-side overhead would dominate). ``serial`` is
-    unused: the portable fallback's loops always go through numba's threads."""
+    (generation calls this once per Linear per token, where Python-side overhead would dominate)."""
     xq, xsum, scale = _quantize_token(x, group, a.shape[1])
     planes = _gather_planes(xq[0], index)
     if uniform:
@@ -781,38 +904,40 @@ def _gemv_token(fmt, qs, a, c, group, bytes_per_group, index, uniform, serial, x
 
 
 @njit(cache=True)
-def _gemv_token_simd(kern, qs, a, c, dB, mB, rule, group, bytes_per_group, index, uniform, serial, x, out):
-    """_gemv_token on the SIMD kernels: int8 planes instead of int16 ones. ``uniform`` and ``serial`` (one thread:
-    the kernel's loop inline) are compiled in (:func:`entry_point`). ``a``, ``c``: each row's first group's
-    (:func:`_row_scalars`)."""
-    xq, xsum, scale = _quantize_token(x, group, dB.shape[1])
-    planes = simd.gather_planes8(xq, index)
-    if uniform:
-        if serial:
-            simd.gemv_rows_serial(kern, qs, a, c, planes, xsum[0], scale[0, 0], out)
-        else:
-            simd.gemv_rows(kern, qs, a, c, planes, xsum[0], scale[0, 0], out)
-    elif serial:
-        simd.gemv_groups_serial(kern, qs, dB, mB, rule, bytes_per_group, planes, xsum[0], scale[0], out)
-    else:
-        simd.gemv_groups(kern, qs, dB, mB, rule, bytes_per_group, planes, xsum[0], scale[0], out)
+def _run_token(serial, uniform, plan, x, out):
+    """linear_token's SIMD call: quantize one token (``x``, float32 ``(k,)``), gather its planes and multiply
+    into ``out`` ``(n_rows,)``. False, having done nothing, where numba's thread count no longer matches
+    ``serial``."""
+    if _threads_moved(serial, plan.threads):
+        return False
+    xq, xsum, scale = _quantize_token(x, plan.group, plan.dB.shape[1])
+    P = simd.gather_planes8(xq, plan.index)
+    _product(serial, False, uniform, plan, P, xsum, scale, out.reshape((1, out.shape[0])))
+    return True
 
 
 def linear_token(pm: PackedMatrix, x: np.ndarray) -> np.ndarray:
     """``W @ x`` for one token with per-token int8 activations; the same numbers as ``gemv(pm, x, "int8")``."""
-    x, out = _c_array(x, _F32, 1), np.empty(pm.n_rows, np.float32)
-    serial = _one_thread()
-    plans, key = pm.meta.setdefault("_token_plans", {}), (_isa, _group_batches, serial)
-    plan = plans.get(key)
-    if plan is None:
-        a, c = _scalars(pm)
-        shape, uniform = (pm.group, pm.fmt.bytes_per_group(pm.group)), pm.one_scale_per_row()
+    x, out = _c_array(x, _F32, 1), np.empty(pm.n_rows, _F32)
+    plans = pm.meta.get("_token_plans")
+    if plans is None:
+        plans = pm.meta["_token_plans"] = {}
+    key = (_isa, _group_batches)
+    call = plans.get(key)
+    if call is None:
+        uniform = pm.one_scale_per_row()
         if _isa == "portable":
-            fn, args = _gemv_token, (pm.fmt.fmt_id, pm.qs, a, c, *shape, _plane_index(pm), uniform)
+            call = _portable_token_call(pm, uniform, x, out)
         else:
-            qs, index = _kernel_rows(pm, uniform)
-            fn, args = _gemv_token_simd, (_kern(pm), qs, *_row_scalars(pm), *_blocked_scalars(pm), *shape, index,
-                                          uniform)  # fmt: skip
-        plan = plans[key] = (entry_point(fn, *args, serial, x, out), (*args, serial))
-    plan[0](*plan[1], x, out)
+            call = _Call(_run_token, (uniform,), _kernel_plan(pm, uniform))
+        plans[key] = call
+    call(x, out)
     return out
+
+
+def _portable_token_call(pm: PackedMatrix, uniform: bool, x: np.ndarray, out: np.ndarray):
+    """linear_token on the portable kernels (their loops always go through numba's threads)."""
+    a, c = _scalars(pm)
+    args = (pm.fmt.fmt_id, pm.qs, a, c, pm.group, pm.fmt.bytes_per_group(pm.group), _plane_index(pm), uniform)
+    entry = entry_point(_gemv_token, *args, x, out)
+    return lambda x, out: entry(*args, x, out)

@@ -98,6 +98,43 @@ def _splat(ty, value):
     return ir.Constant(ty, value)
 
 
+# Bits per code of the kinds whose planes a VNNI span can leave in place (:func:`_masked_planes`).
+MASKED_BITS = {"2": 2, "1": 1, "4": 4}
+
+
+def masked_span_bytes(isa: str, kind: str) -> int:
+    """The longest span (bytes) whose masked planes cannot overflow an int32 lane: plane t's bytes reach
+    ``(2**bits - 1) * 2**(bits * t)`` (192 for 2-bit codes, 240 for 4-bit, 128 for 1-bit), each vpdpbusd adds four
+    products with activations of at most 128 in magnitude to a lane, and a lane must stay below 2**31 (700 KB of
+    2-bit codes with 256-bit vectors, 1.4 MB with 512-bit ones: rows far longer than any model's)."""
+    bits = MASKED_BITS[kind]
+    top = ((1 << bits) - 1) << (8 - bits)
+    return (2**31 - 1) // (4 * top * 128) * WIDTH[isa]
+
+
+def _plane_masks(builder, ty, kind):
+    """The masks of :func:`_masked_planes` for vectors of type ``ty``, made opaque to LLVM (an empty inline
+    assembly block passes each through a register): as constants, LLVM chose to reload them from memory in the
+    loop, one more load per chunk next to five, where the Zen 4 host issues one 512-bit load per cycle (the
+    4096^2 TQ2_0 GEMV cache-resident 144 us against 121 us kept in registers)."""
+    bits = MASKED_BITS[kind]
+    opaque = ir.InlineAsm(ir.FunctionType(ty, [ty]), "", "=v,0")
+    return [builder.call(opaque, [_splat(ty, ((1 << bits) - 1) << (bits * t))]) for t in range(8 // bits)]
+
+
+def _masked_planes(builder, v, kind, masks=None):
+    """Code planes of bytes ``v`` left in place, ``v & (mask << bits * t)``: plane t is the codes times
+    ``2**(bits * t)``. One AND each instead of a shift and an AND (LLVM lowers a byte shift to
+    ``vgf2p8affineqb``, which competes with ``vpdpbusd`` for the Zen 4 host's two vector multiply pipes; the
+    one-token TQ2_0 GEMV cache-resident 1.27x as fast). vpdpbusd takes them as unsigned bytes, so each plane's
+    sums are the true ones times ``2**(bits * t)`` exactly; :func:`_fold` shifts them back (exact: every term is a
+    multiple). Only for VNNI: pmaddubsw's int16 pair sums would saturate."""
+    if masks is None:
+        masks = [_splat(v.type, ((1 << MASKED_BITS[kind]) - 1) << (MASKED_BITS[kind] * t))
+                 for t in range(8 // MASKED_BITS[kind])]  # fmt: skip
+    return [builder.and_(v, m) for m in masks]
+
+
 def _decode(builder, v, kind):
     """The code planes of bytes ``v`` (i8 or <w x i8>), as bytes of the same type."""
     ty = v.type
@@ -235,10 +272,11 @@ def _emit_span(builder, isa, kind, rowp, plane_ptrs, o, e, long=True, prefetch=N
     v32 = ir.VectorType(I32, width // 4)
     v16 = ir.VectorType(I16, width // 2)
 
-    def products(w, at):
+    def products(w, at, masked=False):
         """Per token, the int16 (or with VNNI, the int32 += ) terms of one chunk of w bytes at ``at``."""
         v8 = ir.VectorType(I8, w)
-        codes = _decode(builder, _load(builder, rowp, at, v8), kind)
+        v = _load(builder, rowp, at, v8)
+        codes = _masked_planes(builder, v, kind, masks) if masked else _decode(builder, v, kind)
         return codes, [[_load(builder, p, at, v8) for p in plane_ptrs[n][: len(codes)]] for n in range(ntok)]
 
     def const(value):
@@ -251,6 +289,10 @@ def _emit_span(builder, isa, kind, rowp, plane_ptrs, o, e, long=True, prefetch=N
     # With VNNI each plane's vpdpbusd would wait for the previous one's result (5 cycles of latency, one issued per
     # cycle): plane t of token n goes to accumulator t % n_acc of that token instead, summed after the loop.
     n_acc = min(PLANES[kind], max(1, MAX_ACCUMULATORS // ntok)) if vnni else 1
+    # Where each plane has an accumulator of its own, its codes can stay in place (:func:`_masked_planes`)
+    masked = vnni and kind in MASKED_BITS and n_acc == PLANES[kind]
+    shifts = [MASKED_BITS[kind] * t for t in range(n_acc)] if masked else None
+    masks = _plane_masks(builder, ir.VectorType(I8, width), kind) if masked else None
     lanes = [
         [cgutils.alloca_once_value(builder, ir.Constant(v32, None)) for _ in range(n_acc)]
         for _ in range(ntok)
@@ -265,7 +307,7 @@ def _emit_span(builder, isa, kind, rowp, plane_ptrs, o, e, long=True, prefetch=N
         if ahead:
             _prefetch(builder, builder.gep(rowp, [builder.add(start, const(ahead))]), level)
         if vnni:
-            codes, xs = products(width, start)
+            codes, xs = products(width, start, masked)
             for n in range(ntok):
                 for a in range(n_acc):
                     acc = lanes[n][a]
@@ -295,7 +337,7 @@ def _emit_span(builder, isa, kind, rowp, plane_ptrs, o, e, long=True, prefetch=N
             left = builder.sub(n_chunks, first)
             run_block(first, builder.select(builder.icmp_signed("<", left, const(block)), left, const(block)))
         return _emit_tail(
-            builder, isa, kind, rowp, plane_ptrs, o, e, _fold(builder, lanes), n_chunks, products
+            builder, isa, kind, rowp, plane_ptrs, o, e, _fold(builder, lanes, shifts), n_chunks, products
         )
     n_blocks = builder.udiv(n_chunks, const(block))
     with cgutils.for_range(builder, n_blocks) as outer:
@@ -305,7 +347,9 @@ def _emit_span(builder, isa, kind, rowp, plane_ptrs, o, e, long=True, prefetch=N
         left = builder.sub(n_chunks, done)
         with builder.if_then(builder.icmp_signed(">", left, const(0))):
             run_block(done, left)
-    return _emit_tail(builder, isa, kind, rowp, plane_ptrs, o, e, _fold(builder, lanes), n_chunks, products)
+    return _emit_tail(
+        builder, isa, kind, rowp, plane_ptrs, o, e, _fold(builder, lanes, shifts), n_chunks, products
+    )
 
 
 def _emit_trit_span(builder, isa, rowp, plane_ptrs, o, e, n_chunks, ahead, level, products):
@@ -343,13 +387,19 @@ def _tree_sum(builder, values):
     return values[0]
 
 
-def _fold(builder, lanes):
-    """Each token's accumulators (``lanes[n]``) added into its first one; the first ones returned."""
+def _fold(builder, lanes, shifts=None):
+    """Each token's accumulators (``lanes[n]``) added into its first one; the first ones returned. ``shifts``: an
+    arithmetic right shift per accumulator first (masked planes, :func:`_masked_planes`)."""
     for lane in lanes:
-        if len(lane) > 1:
-            total = builder.load(lane[0])
-            for acc in lane[1:]:
-                total = builder.add(total, builder.load(acc))
+        values = [builder.load(acc) for acc in lane]
+        if shifts is not None:
+            values = [
+                builder.ashr(v, _splat(v.type, k)) if k else v for v, k in zip(values, shifts, strict=True)
+            ]
+        if len(values) > 1 or shifts is not None:
+            total = values[0]
+            for v in values[1:]:
+                total = builder.add(total, v)
             builder.store(total, lane[0])
     return [lane[0] for lane in lanes]
 
@@ -449,29 +499,43 @@ def _emit_group_batches(
 
     # vpdpbusd's accumulator is also an input (5 cycles' latency): one chain per token through a batch's
     # slices x planes would wait on itself, so each token sums its slices into several chains, added at the end.
-    chains = max(1, min(slices, MAX_ACCUMULATORS // ntok)) if isa in VNNI else 1
+    # With VNNI, where every plane of every token can have a chain of its own, the codes stay in place
+    # (:func:`_masked_planes`): each chain holds one plane, shifted back when the chains are added.
+    masked = isa in VNNI and kind in MASKED_BITS and PLANES[kind] * ntok <= MAX_ACCUMULATORS
+    per_chain = PLANES[kind] if masked else 1
+    chains = max(1, min(slices, MAX_ACCUMULATORS // (ntok * per_chain))) if isa in VNNI else 1
+    masks = _plane_masks(builder, v8, kind) if masked else None
 
     def batch(g0):
-        accs = [[ir.Constant(v32, None)] * chains for _ in range(ntok)]
+        # accs[n][chain][plane] (one plane per chain unless masked)
+        accs = [[[ir.Constant(v32, None)] * per_chain for _ in range(chains)] for _ in range(ntok)]
         p16 = [ir.Constant(v16, None)] * ntok
         for c in range(slices):
             at = builder.add(builder.mul(g0, const(bpg)), const(c * w))
             # once per cache line (twice for 32-byte vectors: cheaper than a branch)
             if ahead and (c * w) % 64 == 0:
                 _prefetch(builder, builder.gep(rowp, [builder.add(at, const(ahead))]), level)
-            codes = _decode(builder, _load(builder, rowp, at, v8), kind)
+            v = _load(builder, rowp, at, v8)
+            codes = _masked_planes(builder, v, kind, masks) if masked else _decode(builder, v, kind)
             for n in range(ntok):
                 xs = [_load(builder, p, at, v8) for p in plane_ptrs[n][: len(codes)]]
+                chain = accs[n][c % chains]
+                if masked:
+                    for t in range(per_chain):
+                        chain[t] = _dpbusd(builder, chain[t], codes[t], xs[t])
+                    continue
                 if isa in VNNI:
-                    accs[n][c % chains] = _madd_chunk(builder, isa, w, accs[n][c % chains], codes, xs)
+                    chain[0] = _madd_chunk(builder, isa, w, chain[0], codes, xs)
                     continue
                 p16[n] = _madd16(builder, w, p16[n], codes, xs)
                 if (c + 1) % block == 0 or c == slices - 1:
-                    accs[n][0], p16[n] = _widen(builder, w, accs[n][0], p16[n]), ir.Constant(v16, None)
+                    chain[0], p16[n] = _widen(builder, w, chain[0], p16[n]), ir.Constant(v16, None)
         for n in range(ntok):
-            total = accs[n][0]
-            for acc in accs[n][1:]:
-                total = builder.add(total, acc)
+            planes = [_tree_sum(builder, [chain[t] for chain in accs[n]]) for t in range(per_chain)]
+            if masked:
+                planes = [builder.ashr(v, _splat(v32, MASKED_BITS[kind] * t)) if t else v
+                          for t, v in enumerate(planes)]  # fmt: skip
+            total = _tree_sum(builder, planes)
             if store_batch is not None:
                 store_batch(n, g0, total)
                 continue
