@@ -388,8 +388,10 @@ def test_one_thread_runs_each_kernels_loop_inline_with_the_same_bits():
                 np.testing.assert_array_equal(fast.linear_token(pm, x[3]), expected[3])
             finally:
                 numba.set_num_threads(previous)
-        for plans in (pm.meta["_gemm_plans"], pm.meta["_token_plans"]):
-            assert {serial for call in plans.values() for serial in call.entries} == {True, previous == 1}
+        gemv = [call for key, call in pm.meta["_gemm_plans"].items() if not key[3]]  # one token
+        assert {key[-1] for key in pm.meta["_gemm_plans"] if key[3]} == {True, previous == 1}  # batches
+        calls = gemv + list(pm.meta["_token_plans"].values())
+        assert {serial for call in calls for serial in call.entries} == {True, previous == 1}
     with pytest.raises(ValueError, match="1-D"):
         fast.linear_token(pm, x[:1])
 

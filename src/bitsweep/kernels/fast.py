@@ -715,37 +715,28 @@ def _kernel_plan(pm: PackedMatrix, uniform: bool) -> KernelPlan:
                             pm.fmt.bytes_per_group(group), group, _thread_count_address())  # fmt: skip
 
 
-def _product(serial, batched, uniform, plan, P, xsum, xscale, out):
-    """``out = planes P times plan's rows``, for compiled code: the kernel and its arguments are chosen when the
-    caller compiles, from the literal flags: ``serial`` (the kernel's loop inline, else its parallel form),
-    ``batched`` (simd.gemm) or one token with one scale per row (simd.gemv_rows, ``uniform``) or per-group scales
-    (simd.gemv_groups). ``xsum``, ``xscale``, ``out``: 2-D, a row per token."""
+def _product(serial, uniform, plan, P, xsum, xscale, out):
+    """``out = planes P times plan's rows`` for one token, for compiled code: the kernel is chosen when the caller
+    compiles, from the literal flags ``serial`` (the kernel's loop inline, else its parallel form) and ``uniform``
+    (one scale per row: simd.gemv_rows; else per-group scales: simd.gemv_groups). ``xsum``, ``xscale``, ``out``:
+    2-D, one row."""
     raise TypeError("_product runs in compiled code only")
 
 
 @overload(_product)
-def _product_typed(serial, batched, uniform, plan, P, xsum, xscale, out):
-    flags = (serial, batched, uniform)
-    if not all(isinstance(flag, types.BooleanLiteral) for flag in flags):
+def _product_typed(serial, uniform, plan, P, xsum, xscale, out):
+    if not all(isinstance(flag, types.BooleanLiteral) for flag in (serial, uniform)):
         return None
-    serial, batched, uniform = (flag.literal_value for flag in flags)
-    if batched:
-        kernel = simd.gemm_serial if serial else simd.gemm
+    if uniform.literal_value:
+        kernel = simd.gemv_rows_serial if serial.literal_value else simd.gemv_rows
 
-        def impl(serial, batched, uniform, plan, P, xsum, xscale, out):
-            kernel(plan.kern, plan.qs, plan.a, plan.c, plan.dB, plan.mB, plan.rule, plan.bpg, P, xsum, xscale,
-                   uniform, out)  # fmt: skip
-
-    elif uniform:
-        kernel = simd.gemv_rows_serial if serial else simd.gemv_rows
-
-        def impl(serial, batched, uniform, plan, P, xsum, xscale, out):
+        def impl(serial, uniform, plan, P, xsum, xscale, out):
             kernel(plan.kern, plan.qs, plan.a, plan.c, P, xsum[0], xscale[0, 0], out[0])
 
     else:
-        kernel = simd.gemv_groups_serial if serial else simd.gemv_groups
+        kernel = simd.gemv_groups_serial if serial.literal_value else simd.gemv_groups
 
-        def impl(serial, batched, uniform, plan, P, xsum, xscale, out):
+        def impl(serial, uniform, plan, P, xsum, xscale, out):
             kernel(plan.kern, plan.qs, plan.dB, plan.mB, plan.rule, plan.bpg, P, xsum[0], xscale[0], out[0])
 
     return impl
@@ -758,12 +749,14 @@ def _threads_moved(serial, threads):
 
 
 @njit(cache=True)
-def _run_plan(serial, batched, uniform, plan, x, xsum, xscale, out):
-    """gemm_prepared's SIMD call: the activations gathered into planes and multiplied. False, having done nothing,
-    where numba's thread count no longer matches ``serial``."""
+def _run_plan(serial, uniform, plan, x, xsum, xscale, out):
+    """gemm_prepared's SIMD call for one token: the activations gathered into planes and multiplied. False, having
+    done nothing, where numba's thread count no longer matches ``serial``. (Batches keep two calls, gather and kernel,
+    :func:`_batch_call`: through this one a batch of 32 on int2_g128, L2-resident, took 1.2-1.45x the time in some
+    processes, and a batch's call costs little next to its work.)"""
     if _threads_moved(serial, plan.threads):
         return False
-    _product(serial, batched, uniform, plan, simd.gather_planes8(x, plan.index), xsum, xscale, out)
+    _product(serial, uniform, plan, simd.gather_planes8(x, plan.index), xsum, xscale, out)
     return True
 
 
@@ -821,12 +814,32 @@ def _gemm_simd(pm: PackedMatrix, acts: Activations, out: np.ndarray) -> None:
     if plans is None:
         plans = pm.meta["_gemm_plans"] = {}
     batched = acts.x.shape[0] > 1
-    key = (_isa, _group_batches, per_token, batched)
+    key = (_isa, _group_batches, per_token, batched, batched and _one_thread())
+    x, xsum, scale = _c_array(acts.x, _I16, 2), _c_array(acts.xsum, _I32, 2), _c_array(acts.scale, _F32, 2)
     call = plans.get(key)
     if call is None:
         uniform = uniform_row_scales(pm, acts)
-        call = plans[key] = _Call(_run_plan, (batched, uniform), _kernel_plan(pm, uniform))
-    call(_c_array(acts.x, _I16, 2), _c_array(acts.xsum, _I32, 2), _c_array(acts.scale, _F32, 2), out)
+        if batched:
+            call = _batch_call(pm, uniform, key[-1], x, xsum, scale, out)
+        else:
+            call = _Call(_run_plan, (uniform,), _kernel_plan(pm, uniform))
+        plans[key] = call
+    call(x, xsum, scale, out)
+
+
+def _batch_call(pm: PackedMatrix, uniform: bool, serial: bool, x, xsum, scale, out):
+    """A batch's call: the planes gathered, then the kernel (its loop on one thread, else its parallel form), both
+    as entry points."""
+    qs, index = _kernel_rows(pm, uniform)
+    fixed = (_kern(pm), qs, *_row_scalars(pm), *_blocked_scalars(pm), pm.fmt.bytes_per_group(pm.group))
+    gather = entry_point(simd.gather_planes8, x, index)
+    kernel = entry_point(simd.gemm_serial if serial else simd.gemm, *fixed, gather(x, index), xsum, scale, uniform,
+                         out)  # fmt: skip
+
+    def call(x, xsum, scale, out):
+        kernel(*fixed, gather(x, index), xsum, scale, uniform, out)
+
+    return call
 
 
 def gemm(pm: PackedMatrix, x: np.ndarray, act: str = "int8") -> np.ndarray:
@@ -912,7 +925,7 @@ def _run_token(serial, uniform, plan, x, out):
         return False
     xq, xsum, scale = _quantize_token(x, plan.group, plan.dB.shape[1])
     P = simd.gather_planes8(xq, plan.index)
-    _product(serial, False, uniform, plan, P, xsum, scale, out.reshape((1, out.shape[0])))
+    _product(serial, uniform, plan, P, xsum, scale, out.reshape((1, out.shape[0])))
     return True
 
 

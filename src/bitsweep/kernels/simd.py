@@ -289,8 +289,11 @@ def _emit_span(builder, isa, kind, rowp, plane_ptrs, o, e, long=True, prefetch=N
     # With VNNI each plane's vpdpbusd would wait for the previous one's result (5 cycles of latency, one issued per
     # cycle): plane t of token n goes to accumulator t % n_acc of that token instead, summed after the loop.
     n_acc = min(PLANES[kind], max(1, MAX_ACCUMULATORS // ntok)) if vnni else 1
-    # Where each plane has an accumulator of its own, its codes can stay in place (:func:`_masked_planes`)
-    masked = vnni and kind in MASKED_BITS and n_acc == PLANES[kind]
+    # A whole row for one token, each plane with an accumulator of its own: the codes can stay in place
+    # (:func:`_masked_planes`). Not for passes of several tokens, whose decode is shared and whose registers the
+    # masks would take (TQ2_0 and int2 batches of 32, L2-resident, 1.25x and 1.45x the time), nor for a group's
+    # few chunks (the masks made again for each group: an int2_g128 GEMV 1.3x the time), nor in group batches.
+    masked = vnni and long and ntok == 1 and kind in MASKED_BITS and n_acc == PLANES[kind]
     shifts = [MASKED_BITS[kind] * t for t in range(n_acc)] if masked else None
     masks = _plane_masks(builder, ir.VectorType(I8, width), kind) if masked else None
     lanes = [
@@ -499,43 +502,29 @@ def _emit_group_batches(
 
     # vpdpbusd's accumulator is also an input (5 cycles' latency): one chain per token through a batch's
     # slices x planes would wait on itself, so each token sums its slices into several chains, added at the end.
-    # With VNNI, where every plane of every token can have a chain of its own, the codes stay in place
-    # (:func:`_masked_planes`): each chain holds one plane, shifted back when the chains are added.
-    masked = isa in VNNI and kind in MASKED_BITS and PLANES[kind] * ntok <= MAX_ACCUMULATORS
-    per_chain = PLANES[kind] if masked else 1
-    chains = max(1, min(slices, MAX_ACCUMULATORS // (ntok * per_chain))) if isa in VNNI else 1
-    masks = _plane_masks(builder, v8, kind) if masked else None
+    chains = max(1, min(slices, MAX_ACCUMULATORS // ntok)) if isa in VNNI else 1
 
     def batch(g0):
-        # accs[n][chain][plane] (one plane per chain unless masked)
-        accs = [[[ir.Constant(v32, None)] * per_chain for _ in range(chains)] for _ in range(ntok)]
+        accs = [[ir.Constant(v32, None)] * chains for _ in range(ntok)]
         p16 = [ir.Constant(v16, None)] * ntok
         for c in range(slices):
             at = builder.add(builder.mul(g0, const(bpg)), const(c * w))
             # once per cache line (twice for 32-byte vectors: cheaper than a branch)
             if ahead and (c * w) % 64 == 0:
                 _prefetch(builder, builder.gep(rowp, [builder.add(at, const(ahead))]), level)
-            v = _load(builder, rowp, at, v8)
-            codes = _masked_planes(builder, v, kind, masks) if masked else _decode(builder, v, kind)
+            codes = _decode(builder, _load(builder, rowp, at, v8), kind)
             for n in range(ntok):
                 xs = [_load(builder, p, at, v8) for p in plane_ptrs[n][: len(codes)]]
-                chain = accs[n][c % chains]
-                if masked:
-                    for t in range(per_chain):
-                        chain[t] = _dpbusd(builder, chain[t], codes[t], xs[t])
-                    continue
                 if isa in VNNI:
-                    chain[0] = _madd_chunk(builder, isa, w, chain[0], codes, xs)
+                    accs[n][c % chains] = _madd_chunk(builder, isa, w, accs[n][c % chains], codes, xs)
                     continue
                 p16[n] = _madd16(builder, w, p16[n], codes, xs)
                 if (c + 1) % block == 0 or c == slices - 1:
-                    chain[0], p16[n] = _widen(builder, w, chain[0], p16[n]), ir.Constant(v16, None)
+                    accs[n][0], p16[n] = _widen(builder, w, accs[n][0], p16[n]), ir.Constant(v16, None)
         for n in range(ntok):
-            planes = [_tree_sum(builder, [chain[t] for chain in accs[n]]) for t in range(per_chain)]
-            if masked:
-                planes = [builder.ashr(v, _splat(v32, MASKED_BITS[kind] * t)) if t else v
-                          for t, v in enumerate(planes)]  # fmt: skip
-            total = _tree_sum(builder, planes)
+            total = accs[n][0]
+            for acc in accs[n][1:]:
+                total = builder.add(total, acc)
             if store_batch is not None:
                 store_batch(n, g0, total)
                 continue
