@@ -803,10 +803,11 @@ _I16, _I32, _F32 = np.dtype(np.int16), np.dtype(np.int32), np.dtype(np.float32)
 
 
 def _gemm_simd(pm: PackedMatrix, acts: Activations, out: np.ndarray) -> None:
-    """The SIMD kernels through a plan made once per matrix, instruction set and kind of call (:class:`_Call` of
-    :func:`_run_plan`). Every call after a weight matrix has streamed past finds the caches cold, where each
-    Python step costs ~1-10 us: the plan's key needs no arithmetic on the activations where they say their scales
-    are per token (``acts.per_token``), and dtypes are checked by identity."""
+    """The SIMD kernels through a plan made once per matrix, instruction set and kind of call: one token, one
+    compiled call (a :class:`_Call` of :func:`_run_plan`); a batch, gather and kernel (:func:`_batch_call`, keyed
+    by numba's thread count too). Every call after a weight matrix has streamed past finds the caches cold, where
+    each Python step costs ~1-10 us: the plan's key needs no arithmetic on the activations where they say their
+    scales are per token (``acts.per_token``), and dtypes are checked by identity."""
     per_token = acts.per_token
     if per_token is None:  # known only from the scales themselves
         per_token = ("scales", uniform_row_scales(pm, acts))
