@@ -113,25 +113,24 @@ def masked_span_bytes(isa: str, kind: str) -> int:
 
 
 def _plane_masks(builder, ty, kind):
-    """The masks of :func:`_masked_planes` for vectors of type ``ty``, made opaque to LLVM (an empty inline
-    assembly block passes each through a register): as constants, LLVM chose to reload them from memory in the
-    loop, one more load per chunk next to five, where the Zen 4 host issues one 512-bit load per cycle (the
-    4096^2 TQ2_0 GEMV cache-resident 144 us against 121 us kept in registers)."""
+    """The masks of :func:`_masked_planes` (``mask << bits * t`` per plane t) for vectors of type ``ty``, made
+    opaque to LLVM (an empty inline assembly block passes each through a register): as constants, LLVM reloaded
+    them from memory inside the loop, one more load per 64 bytes next to five, where the Zen 4 host issues one
+    512-bit load per cycle. (A throwaway loop with the masks in registers ran 121 us cache-resident for the 4096^2
+    TQ2_0 GEMV; the kernel without reloads measured 143-151 us, within noise of the 144 with them: what is left is
+    the per-row work around the loop.)"""
     bits = MASKED_BITS[kind]
     opaque = ir.InlineAsm(ir.FunctionType(ty, [ty]), "", "=v,0")
     return [builder.call(opaque, [_splat(ty, ((1 << bits) - 1) << (bits * t))]) for t in range(8 // bits)]
 
 
-def _masked_planes(builder, v, kind, masks=None):
-    """Code planes of bytes ``v`` left in place, ``v & (mask << bits * t)``: plane t is the codes times
+def _masked_planes(builder, v, masks):
+    """Code planes of bytes ``v`` left in place, ``v & masks[t]`` (:func:`_plane_masks`): plane t is the codes times
     ``2**(bits * t)``. One AND each instead of a shift and an AND (LLVM lowers a byte shift to
     ``vgf2p8affineqb``, which competes with ``vpdpbusd`` for the Zen 4 host's two vector multiply pipes; the
     one-token TQ2_0 GEMV cache-resident 1.27x as fast). vpdpbusd takes them as unsigned bytes, so each plane's
     sums are the true ones times ``2**(bits * t)`` exactly; :func:`_fold` shifts them back (exact: every term is a
     multiple). Only for VNNI: pmaddubsw's int16 pair sums would saturate."""
-    if masks is None:
-        masks = [_splat(v.type, ((1 << MASKED_BITS[kind]) - 1) << (MASKED_BITS[kind] * t))
-                 for t in range(8 // MASKED_BITS[kind])]  # fmt: skip
     return [builder.and_(v, m) for m in masks]
 
 
@@ -276,7 +275,7 @@ def _emit_span(builder, isa, kind, rowp, plane_ptrs, o, e, long=True, prefetch=N
         """Per token, the int16 (or with VNNI, the int32 += ) terms of one chunk of w bytes at ``at``."""
         v8 = ir.VectorType(I8, w)
         v = _load(builder, rowp, at, v8)
-        codes = _masked_planes(builder, v, kind, masks) if masked else _decode(builder, v, kind)
+        codes = _masked_planes(builder, v, masks) if masked else _decode(builder, v, kind)
         return codes, [[_load(builder, p, at, v8) for p in plane_ptrs[n][: len(codes)]] for n in range(ntok)]
 
     def const(value):
