@@ -116,9 +116,8 @@ def _plane_masks(builder, ty, kind):
     """The masks of :func:`_masked_planes` (``mask << bits * t`` per plane t) for vectors of type ``ty``, made
     opaque to LLVM (an empty inline assembly block passes each through a register): as constants, LLVM reloaded
     them from memory inside the loop, one more load per 64 bytes next to five, where the Zen 4 host issues one
-    512-bit load per cycle. (A throwaway loop with the masks in registers ran 121 us cache-resident for the 4096^2
-    TQ2_0 GEMV; the kernel without reloads measured 143-151 us, within noise of the 144 with them: what is left is
-    the per-row work around the loop.)"""
+    512-bit load per cycle: the 4096^2 TQ2_0 GEMV cache-resident 144-157 us with the reloads, 125-138 without
+    (alternated, same session)."""
     bits = MASKED_BITS[kind]
     opaque = ir.InlineAsm(ir.FunctionType(ty, [ty]), "", "=v,0")
     return [builder.call(opaque, [_splat(ty, ((1 << bits) - 1) << (bits * t))]) for t in range(8 // bits)]
