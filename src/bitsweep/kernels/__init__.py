@@ -8,6 +8,8 @@ of its modules changes (:func:`cache_kernels_together`).
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 
 
@@ -32,16 +34,21 @@ def configure_numba() -> None:
 def kernel_sources_stamp(here: str | None = None) -> tuple:
     """The content hashes of this package's modules (of the ``.py`` files in ``here``): what every compiled kernel
     here is made of."""
-    from numba.core import caching
-
     here = here or os.path.dirname(os.path.abspath(__file__))
     stamps = []
     for name in sorted(os.listdir(here)):
         if name.endswith(".py"):
             path = os.path.join(here, name)
             st = os.stat(path)
-            stamps.append((name, caching._hash_source_file(path, st.st_mtime, st.st_size)))
+            stamps.append((name, _file_hash(path, st.st_mtime_ns, st.st_size)))
     return tuple(stamps)
+
+
+@functools.cache
+def _file_hash(path: str, mtime_ns: int, size: int) -> bytes:
+    """sha256 of a file's bytes, hashed again only when its modification time or size changes."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).digest()
 
 
 def cache_kernels_together() -> None:
