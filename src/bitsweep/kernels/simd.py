@@ -392,16 +392,14 @@ def _fold(builder, lanes, shifts=None):
     """Each token's accumulators (``lanes[n]``) added into its first one; the first ones returned. ``shifts``: an
     arithmetic right shift per accumulator first (masked planes, :func:`_masked_planes`)."""
     for lane in lanes:
+        if len(lane) == 1 and shifts is None:
+            continue
         values = [builder.load(acc) for acc in lane]
         if shifts is not None:
             values = [
                 builder.ashr(v, _splat(v.type, k)) if k else v for v, k in zip(values, shifts, strict=True)
             ]
-        if len(values) > 1 or shifts is not None:
-            total = values[0]
-            for v in values[1:]:
-                total = builder.add(total, v)
-            builder.store(total, lane[0])
+        builder.store(_tree_sum(builder, values), lane[0])
     return [lane[0] for lane in lanes]
 
 
