@@ -9,7 +9,7 @@ last-level cache, so every call streams its weights from memory as in a real for
 layers do: one lead call, then ``RUN`` calls of the same candidate on the next copies, each timed (best of them
 all). The lead call is timed apart (``isolated_best_ms``, ``isolated_roofline``): it follows the other candidates'
 streams (numpy's 64 MB), which evict from every cache the Python, numba and ctypes state any call reads, costing
-a call 25-50 us on the Zen 4 host (ours and ggml's alike) that a model's calls, each right after another, do not
+a call 25-80 us on the Zen 4 host (ours and ggml's alike) that a model's calls, each right after another, do not
 pay. Results are ratios measured in this one run (``speedup_vs_numpy_fp32``: numpy's ``W @ x`` time over the
 kernel's) plus the fraction of the measured read bandwidth each kernel reaches (``roofline``: packed bytes /
 time / bandwidth).
@@ -213,7 +213,7 @@ def per_group_spans(pm: PackedMatrix, acts) -> np.ndarray:
         fast.set_group_batches(previous)
 
 
-# Calls timed per run of one candidate, after its untimed-for-the-ratios lead call (see the module's docstring).
+# Calls timed per run of one candidate, after the run's lead call (timed apart: see the module's docstring).
 RUN = 3
 
 
