@@ -29,13 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # isort: off
-from kernels import (
-    _read_sum,
-    host_info,
-    llc_bytes,
-    read_bandwidth,
-    replicate,
-)  # first: sets up bitsweep and numba
+# first: sets up bitsweep and numba
+from kernels import _read_sum, host_info, llc_bytes, probe_buffers, read_bandwidth, replicate
 import numba
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -83,7 +78,7 @@ def main() -> None:
     _loop(kern, qs, a, c, planes, xsum, xscale, out[0])
     assert np.array_equal(out, expected)
     weights = [w] + [w.copy() for _ in range(max(1, -(-2 * llc // w.nbytes)) - 1)]
-    probe = [arena.copy(np.ones(max(2 * llc, 2**26) // 8, np.int64)) for _ in range(2)]
+    probe = probe_buffers(llc)
     cands = {
         "numpy_fp32": lambda i: weights[i % len(weights)] @ x[0],
         "read_probe": lambda i: _read_sum(probe[i % 2]),

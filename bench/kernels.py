@@ -93,6 +93,12 @@ def read_bandwidth(threads: int, size: int, repeats: int) -> dict[str, float]:
     return out
 
 
+def probe_buffers(llc: int) -> list[np.ndarray]:
+    """The in-loop bandwidth probe's buffers (``read_probe``, read with :func:`_read_sum`): two of twice the
+    last-level cache, at least 64 MiB, on the weights' kind of pages."""
+    return [memory.arena().copy(np.ones(max(2 * llc, 2**26) // 8, np.int64)) for _ in range(2)]
+
+
 def host_info() -> dict:
     """CPU model (/proc/cpuinfo "model name"), SIMD flags, cache sizes, library versions, kernel ISA."""
     import llvmlite
@@ -371,8 +377,7 @@ def main() -> None:
     cap = int(args.mem_cap_gb * 2**30)
     bw_size = min(cap, max(4 * llc, 2**30))
     probes = {t: read_bandwidth(t, bw_size, 5) for t in thread_counts}
-    # the in-loop probe: numba's int64 sum over two buffers of twice the last-level cache (at least 64 MiB)
-    probe_buffers = [memory.arena().copy(np.ones(max(2 * llc, 2**26) // 8, np.int64)) for _ in range(2)]
+    probe = probe_buffers(llc)
     bandwidth = {t: max(p.values()) for t, p in probes.items()}
     report = {
         "host": host_info(),
@@ -393,7 +398,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     for n_rows, k in shapes:
         w = rng.standard_normal((n_rows, k)).astype(np.float32)
-        weights = {"fp32": spread(w, llc, cap), "read_probe": probe_buffers}
+        weights = {"fp32": spread(w, llc, cap), "read_probe": probe}
         scale = np.abs(w).max(axis=1) / 127
         w8 = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
         weights["int8"] = (spread(w8, llc, cap), scale.astype(np.float32))
