@@ -219,6 +219,30 @@ def per_group_spans(pm: PackedMatrix, acts) -> np.ndarray:
         fast.set_group_batches(previous)
 
 
+def cell_weights(
+    w: np.ndarray, formats: list[str], llc: int, cap: int, probe: list[np.ndarray], llamacpp: bool = True
+) -> dict:
+    """Every candidate's copies of the float weights ``w`` for :func:`bench_cell`: fp32 and int8 as numpy arrays,
+    each packed format quantized and replicated in the arena (TQ2_0 also on 4 KiB pages and, with ``llamacpp``,
+    as ggml's TQ2_0), enough copies of each to exceed twice ``llc`` within ``cap`` bytes, and the in-loop bandwidth
+    probe's buffers (:func:`probe_buffers`)."""
+    weights = {"fp32": spread(w, llc, cap), "read_probe": probe}
+    scale = np.abs(w).max(axis=1) / 127
+    w8 = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
+    weights["int8"] = (spread(w8, llc, cap), scale.astype(np.float32))
+    for name in formats:
+        pm = quantize(w, name, scale="absmean" if name in ("tq1_0", "tq2_0", "binary") else "absmax")
+        weights[name] = replicate(pm, copies_for(pm.nbytes, llc, cap), memory.arena())
+        if name == "tq2_0" and memory.arena().huge:
+            # the same kernel on 4 KiB pages, in the same loop (bitsweep.kernels.memory)
+            weights[f"{name}_4k_pages"] = replicate(pm, len(weights[name]), memory.Arena("small"))
+        if name == "tq2_0" and llamacpp:
+            # llama.cpp's TQ2_0 product on the same codes and scales, as many copies as ours, in the same kind of
+            # memory as ours
+            weights["llamacpp_tq2_0"] = GgmlTq2Gemv(pm.qs, pm.d, len(weights[name]), 1, memory.arena())
+    return weights
+
+
 # Calls timed per run of one candidate, after the run's lead call (timed apart: see the module's docstring).
 RUN = 3
 
@@ -398,20 +422,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     for n_rows, k in shapes:
         w = rng.standard_normal((n_rows, k)).astype(np.float32)
-        weights = {"fp32": spread(w, llc, cap), "read_probe": probe}
-        scale = np.abs(w).max(axis=1) / 127
-        w8 = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
-        weights["int8"] = (spread(w8, llc, cap), scale.astype(np.float32))
-        for name in args.formats:
-            pm = quantize(w, name, scale="absmean" if name in ("tq1_0", "tq2_0", "binary") else "absmax")
-            weights[name] = replicate(pm, copies_for(pm.nbytes, llc, cap), memory.arena())
-            if name == "tq2_0" and memory.arena().huge:
-                # the same kernel on 4 KiB pages, in the same loop (bitsweep.kernels.memory)
-                weights[f"{name}_4k_pages"] = replicate(pm, len(weights[name]), memory.Arena("small"))
-            if name == "tq2_0" and not args.no_llamacpp:
-                # llama.cpp's TQ2_0 product on the same codes and scales, as many copies as ours, in the same kind
-                # of memory as ours
-                weights["llamacpp_tq2_0"] = GgmlTq2Gemv(pm.qs, pm.d, len(weights[name]), 1, memory.arena())
+        weights = cell_weights(w, args.formats, llc, cap, probe, llamacpp=not args.no_llamacpp)
         for batch in batches:
             for threads in thread_counts:
                 cell, cell_bandwidth = bench_cell(k, batch, threads, weights, args)

@@ -583,3 +583,50 @@ def test_the_llamacpp_peer_of_the_kernel_bench_computes_our_product():
             peer.set_input(x[:100])
     finally:
         peer.close()
+
+
+@pytest.mark.llamacpp
+def test_the_kernel_bench_times_runs_against_the_bandwidth_of_its_own_loop():
+    """bench/kernels.py's cell on a small shape, as its closing-note figures come from it: every candidate (ggml's
+    TQ2_0 too) timed in runs with the lead call reported apart, each fraction of the bandwidth is of the best
+    streaming read of the same loop (its probe or numpy's ``W @ x``), and the issue's target rows read from cells."""
+    import argparse
+
+    pytest.importorskip("llama_cpp")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import kernels as bench
+
+    # the bench unsets OpenBLAS's overrides at import, for its own process: put them back for the tests after this
+    os.environ.update({name: value for name, value in bench.OPENBLAS_UNSET.items() if value is not None})
+    previous = numba.get_num_threads()
+    probe = [np.ones(2**17, np.int64) for _ in range(2)]
+    w = np.random.default_rng(3).standard_normal((64, 4096)).astype(np.float32)
+    cell_weights = bench.cell_weights(w, ["tq2_0", "int4"], 2**18, 2**22, probe)
+    try:
+        args = argparse.Namespace(formats=["tq2_0", "int4"], fp32_act=True, repeats=2)
+        cell, bandwidth = bench.bench_cell(4096, 1, 1, cell_weights, args)
+    finally:
+        cell_weights["llamacpp_tq2_0"].close()
+        numba.set_num_threads(previous)
+    expected = {
+        "numpy_fp32",
+        "read_probe",
+        "int8_unpacked",
+        "llamacpp_tq2_0",
+        "tq2_0",
+        "int4",
+        "tq2_0_fp32act",
+    }
+    assert expected <= set(cell), sorted(cell)
+    for name, res in cell.items():
+        assert res["best_ms"] > 0 and res["isolated_best_ms"] > 0, name
+        fraction = res["weight_bytes"] / (res["best_ms"] / 1e3) / bandwidth  # best_ms is rounded to 0.1 us
+        assert res["roofline"] == pytest.approx(fraction, rel=0.01, abs=0.002), name
+    assert max(cell["read_probe"]["roofline"], cell["numpy_fp32"]["roofline"]) == 1.0
+    rows = bench.target_rows([{"shape": [4096, 4096], "batch": 1, "threads": 1, "results": cell}], [1])
+    measures = {(row["format"], row["measure"]) for row in rows}
+    assert ("tq2_0", "fraction of read bandwidth") in measures and (
+        "tq2_0",
+        "x llama.cpp TQ2_0 (ggml)",
+    ) in measures
+    assert all(isinstance(row["met"], bool) and row["now"] > 0 for row in rows)
