@@ -518,9 +518,7 @@ def _emit_group_batches(
                 if (c + 1) % block == 0 or c == slices - 1:
                     accs[n][0], p16[n] = _widen(builder, w, accs[n][0], p16[n]), ir.Constant(v16, None)
         for n in range(ntok):
-            total = accs[n][0]
-            for acc in accs[n][1:]:
-                total = builder.add(total, acc)
+            total = _tree_sum(builder, accs[n])
             if store_batch is not None:
                 store_batch(n, g0, total)
                 continue
